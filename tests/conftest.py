@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny model configs that run in milliseconds on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+TINY = dict(
+    base_width=8, depth=4, masa_heads=2, text_model="tiny-random-bert", text_max_length=24,
+    fusion_dim=16, fusion_heads=2, fusion_scales=(16, 8, 4), fusion_layers=(2, 1, 1),
+)
+
+
+def tiny_config(**overrides):
+    from cmgnet.model import CMGNetConfig
+
+    return CMGNetConfig(**(TINY | overrides))
+
+
+@pytest.fixture
+def make_tiny_config():
+    """Factory for tiny CMG-Net configs: ``make_tiny_config(masa=False)``."""
+    return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The project's real ISIC data (``../shared/data``); skips where a clone lacks it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real ISIC data not present at {SHARED_DATA} (only in the project workspace)")
+    return SHARED_DATA
