@@ -73,3 +73,48 @@ def channel_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, temperature: 
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     attn = ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1)
     return (attn @ v).reshape(b, c, h, w)
+
+
+def multi_axis_attention(rows: Tensor | None, cols: Tensor | None, heads: int,
+                         fused: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """MASA's horizontal and vertical branches on packed ``B x 3C x h x w`` q/k/v maps.
+
+    ``rows`` attends along rows, ``cols`` along columns; either may be ``None`` (skipped).
+    """
+    return tuple(
+        None if qkv is None else axial_attention(*qkv.chunk(3, dim=1), heads, axis, fused=fused)
+        for qkv, axis in ((rows, "horizontal"), (cols, "vertical"))
+    )
+
+
+def gated_cross_attention(
+    image: Tensor,
+    image_normed: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    gate_weight: Tensor | None,
+    gate_bias: Tensor | None,
+    text_pooled: Tensor | None,
+    fused: bool = True,
+) -> Tensor:
+    """CMFM image -> text attention, gate and blend (CMG-Net eqs. 4-6).
+
+    ``A = out_proj(softmax(q k^T / sqrt d) v)`` with ``q``: ``B x H x N x d`` image queries and
+    ``k``/``v``: ``B x H x L x d`` text keys/values (``key_padding_mask``: ``B x L``, True = real),
+    ``alpha = sigmoid(gate([A; image_normed; text_pooled]))`` per pixel (``gate_weight`` ``None``:
+    fixed 0.5), and the result ``alpha * image + (1 - alpha) * A`` (``B x N x C``).
+    """
+    attn = attention_sdpa if fused else attention_math
+    y = attn(q, k, v, key_padding_mask)
+    b, _, n, _ = y.shape
+    a_cross = F.linear(y.transpose(1, 2).reshape(b, n, -1), out_weight, out_bias)
+    if gate_weight is None:
+        alpha = image.new_full((), 0.5)
+    else:
+        pooled = text_pooled.unsqueeze(1).expand(-1, n, -1)
+        alpha = torch.sigmoid(F.linear(torch.cat([a_cross, image_normed, pooled], dim=-1), gate_weight, gate_bias))
+    return alpha * image + (1 - alpha) * a_cross

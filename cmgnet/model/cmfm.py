@@ -10,13 +10,17 @@ At one scale, image tokens ``F_I`` (``B x N x C``, ``N = h*w``) and projected te
    blend ``F_fusion = alpha * F_I + (1 - alpha) * A_cross``,
 4. a feed-forward network on each stream.
 
+The image -> text attention of step 2 and the gate and blend of step 3 are one op,
+``cmgnet.kernels.gated_cross_attention``, so a fused kernel can run them where it is faster.
+
 ``TextAdditionFusion`` is the ``cmfm=False`` ablation: pooled text added to the map.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from cmgnet import kernels
 
 from .attention import FeedForward, MultiHeadAttention
 
@@ -71,14 +75,13 @@ class CrossModalLayer(nn.Module):
         if hasattr(self, "image_self"):
             image = image + self.image_self(self.image_self_norm(image))
         img, txt = self.image_cross_norm(image), self.text_cross_norm(text)
-        a_cross = self.image_to_text(img, txt, key_padding_mask=mask)
+        attn = self.image_to_text
+        k, v = attn.kv(txt).chunk(2, dim=-1)
+        q, k, v = attn._split(attn.q(img)), attn._split(k), attn._split(v)
         t_prime = self.text_to_image(txt, img) if self.text_to_image is not None else None
-        if self.gate is None:
-            alpha = image.new_full((), 0.5)
-        else:
-            pooled = masked_mean(t_prime, mask).unsqueeze(1).expand(-1, image.shape[1], -1)
-            alpha = torch.sigmoid(self.gate(torch.cat([a_cross, img, pooled], dim=-1)))
-        image = alpha * image + (1 - alpha) * a_cross
+        # Image -> text attention, gate and blend as one op, so a kernel can fuse them.
+        gate = (self.gate.weight, self.gate.bias, masked_mean(t_prime, mask)) if self.gate is not None else (None,) * 3
+        image = kernels.gated_cross_attention(image, img, q, k, v, mask, attn.out.weight, attn.out.bias, *gate)
         if self.text_ffn is not None:
             text = text + t_prime
             text = text + self.text_ffn(text)

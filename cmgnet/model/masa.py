@@ -61,12 +61,9 @@ class MultiAxisSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = x + self.pos(x)
         weights = self.gate(y)
-        outs = []
-        for i, axis in enumerate(AXES):
-            q, k, v = self.qkv[axis](y).chunk(3, dim=1)
-            if axis == "channel":
-                out = kernels.channel_attention(q, k, v, self.heads, self.temperature)
-            else:
-                out = kernels.axial_attention(q, k, v, self.heads, axis)
-            outs.append(out * weights[:, i, None, None, None])
+        qkv = [self.qkv[axis](y) for axis in AXES]
+        # Rows and columns in one op on the packed B x 3C x h x w projections (a kernel reads them in place).
+        rows, cols = kernels.multi_axis_attention(qkv[0], qkv[1], self.heads)
+        channels = kernels.channel_attention(*qkv[2].chunk(3, dim=1), self.heads, self.temperature)
+        outs = [out * weights[:, i, None, None, None] for i, out in enumerate((rows, cols, channels))]
         return self.norm(x + self.fuse(torch.cat(outs, dim=1)))
