@@ -31,14 +31,15 @@ class MultiHeadAttention(nn.Module):
         self.kv = nn.Linear(kv_dim, 2 * inner_dim)
         self.out = nn.Linear(inner_dim, out_dim or query_dim)
 
-    def _split(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``B x N x inner`` -> ``B x heads x N x d``."""
         b, n, d = x.shape
         return x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         k, v = self.kv(context).chunk(2, dim=-1)
-        y = kernels.attention(self._split(self.q(x)), self._split(k), self._split(v), key_padding_mask)
+        y = kernels.attention(self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v), key_padding_mask)
         b, _, n, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 

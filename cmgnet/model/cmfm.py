@@ -77,7 +77,7 @@ class CrossModalLayer(nn.Module):
         img, txt = self.image_cross_norm(image), self.text_cross_norm(text)
         attn = self.image_to_text
         k, v = attn.kv(txt).chunk(2, dim=-1)
-        q, k, v = attn._split(attn.q(img)), attn._split(k), attn._split(v)
+        q, k, v = attn.split_heads(attn.q(img)), attn.split_heads(k), attn.split_heads(v)
         t_prime = self.text_to_image(txt, img) if self.text_to_image is not None else None
         # Image -> text attention, gate and blend as one op, so a kernel can fuse them.
         gate = (self.gate.weight, self.gate.bias, masked_mean(t_prime, mask)) if self.gate is not None else (None,) * 3
