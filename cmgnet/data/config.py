@@ -1,0 +1,103 @@
+"""Data configuration: one dataclass of plain values (read from YAML, flattened into MLflow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cmgnet.text.pseudo_text import TEXT_REGIMES
+
+from .augment.params import AUGMENTS
+from .imageio import DEFAULT_MAX_PIXELS
+from .protocols import PROTOCOLS
+from .readers import FORMATS
+from .validate import LEVELS
+
+LOADERS: tuple[str, ...] = ("auto", "dali", "torch")
+DALI_DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it becomes batches.
+
+    Args:
+        format: dataset layout: ``isic2017``, ``isic2018``, ``ph2``, ``ham10000``, ``folder``
+            or ``auto`` (detected from the folder).
+        root: dataset folder.
+        metadata: extra metadata CSV files/folders joined by image id (e.g. the ISIC 2017
+            label and metadata CSVs for ISIC 2018 Task 1 images), or ``None``.
+        image_size: output height and width (a multiple of 16).
+        protocol: ``official`` (the dataset's splits), ``split-csv`` (``split_csv``),
+            ``paper`` (24 variants per image, random 8:1:1 split of the variants: leaks) or
+            ``paper-grouped`` (same, split by source image: no leak).
+        split_csv: CSV with ``image_id, split`` for ``protocol="split-csv"``.
+        text_regime_train: sentence regime for training: ``none``, ``metadata``,
+            ``predicted`` or ``oracle``.
+        text_regime_eval: sentence regime for evaluation (name it in every result).
+        augment: training augmentation: ``paper`` (random one of the 24 variants),
+            ``paper+strong`` (plus flips and colour jitter) or ``none``.
+        center_crop: crop the centred square before resizing (the paper's reading; keeps the
+            aspect ratio); applied in training and evaluation alike so both see the same
+            geometry. ``False`` resizes the whole image.
+        loader: ``dali``, ``torch`` or ``auto`` (DALI when importable).
+        num_workers: DALI threads or PyTorch ``DataLoader`` worker processes.
+        seed: seed of the paper protocols' split and of shuffling/augmentation draws.
+        mean: per-channel normalisation mean (images scaled to 0..1).
+        std: per-channel normalisation standard deviation.
+        validate: files checked when a loader is built: ``header`` (sizes, formats, masks
+            present and matching, pixel limit; fast) or ``full`` (also decodes everything).
+        max_pixels: images larger than this are refused before decoding.
+        dali_device: where the DALI pipeline runs: ``gpu`` (mixed decode + GPU operators),
+            ``cpu``, or ``auto`` (GPU when CUDA is available).
+    """
+
+    format: str = "isic2017"
+    root: str = ""
+    metadata: list[str] | None = None
+    image_size: int = 256
+    protocol: str = "official"
+    split_csv: str | None = None
+    text_regime_train: str = "oracle"
+    text_regime_eval: str = "none"
+    augment: str = "paper"
+    center_crop: bool = False
+    loader: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    validate: str = "header"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    dali_device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.root = str(self.root)
+        if isinstance(self.metadata, str):
+            self.metadata = [self.metadata]
+        elif self.metadata is not None:
+            self.metadata = [str(path) for path in self.metadata]
+        self.mean = tuple(float(v) for v in self.mean)  # YAML gives lists
+        self.std = tuple(float(v) for v in self.std)
+        choices = {
+            "format": (*FORMATS, "auto"),
+            "protocol": PROTOCOLS,
+            "text_regime_train": TEXT_REGIMES,
+            "text_regime_eval": TEXT_REGIMES,
+            "augment": AUGMENTS,
+            "loader": LOADERS,
+            "validate": LEVELS,
+            "dali_device": DALI_DEVICES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+        if self.image_size <= 0 or self.image_size % 16:
+            raise ValueError(f"DataConfig.image_size={self.image_size} must be a positive multiple of 16")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("DataConfig.mean and std need 3 values each, std positive")
+        if self.protocol == "split-csv" and not self.split_csv:
+            raise ValueError("DataConfig.protocol='split-csv' needs split_csv")
+        if self.num_workers < 0:
+            raise ValueError("DataConfig.num_workers must be >= 0")

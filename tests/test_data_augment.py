@@ -1,0 +1,150 @@
+"""Augmentation: the 24 variants, per-sample draws, and the PyTorch ops against DALI."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import case, requires_dali
+from PIL import Image
+
+from cmgnet.data import LesionRecord, Sample
+from cmgnet.data.augment import (
+    NUM_VARIANTS,
+    AugmentParams,
+    TransformSpec,
+    apply_transform,
+    sample_params,
+    variant_params,
+)
+from cmgnet.data.augment.params import BLUR_SIGMA, RGB_SHIFT, crop_box
+from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+
+SPEC = TransformSpec(size=32, center_crop=False, variants=True, strong=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def sample(image_id="ISIC_0000001", variant=None):
+    record = LesionRecord(image_id, None, None, None, None, None, None, None, None, "test")
+    return Sample(record, variant)
+
+
+def test_24_variants_are_8_rotations_times_3_effects():
+    rng = np.random.default_rng(0)
+    params = [variant_params(v, rng) for v in range(NUM_VARIANTS)]
+    assert sorted({p.angle for p in params}) == [45.0 * k for k in range(8)]
+    effects = [("blur" if p.blur_sigma else "shift" if any(p.rgb_shift) else "plain", p.angle) for p in params]
+    assert len(set(effects)) == 24
+    assert all(BLUR_SIGMA[0] <= p.blur_sigma <= BLUR_SIGMA[1] for p in params if p.blur_sigma)
+    assert all(abs(s) <= RGB_SHIFT for p in params for s in p.rgb_shift)
+    with pytest.raises(ValueError):
+        variant_params(24, rng)
+
+
+def test_draws_depend_only_on_seed_epoch_and_sample():
+    train = [sample_params(sample(f"ISIC_{i:07d}"), SPEC, seed=1, epoch=0, train=True) for i in range(48)]
+    again = [sample_params(sample(f"ISIC_{i:07d}"), SPEC, seed=1, epoch=0, train=True) for i in range(48)]
+    later = [sample_params(sample(f"ISIC_{i:07d}"), SPEC, seed=1, epoch=1, train=True) for i in range(48)]
+    assert train == again and train != later
+    assert len({p.angle for p in train}) == 8  # every rotation occurs
+    assert sample_params(sample(), SPEC, seed=1, epoch=3, train=False) == AugmentParams()  # evaluation: identity
+    pinned = [sample_params(sample(variant=17), SPEC, seed=1, epoch=e, train=e > 0) for e in range(3)]
+    assert pinned[0] == pinned[1] == pinned[2] and pinned[0].angle == 45.0 and any(pinned[0].rgb_shift)
+
+
+def test_strong_adds_flips_and_jitter_only_in_training():
+    strong = replace(SPEC, strong=True)
+    draws = [sample_params(sample(f"ISIC_{i:07d}"), strong, seed=0, epoch=0, train=True) for i in range(32)]
+    assert any(p.flip_h for p in draws) and any(p.flip_v for p in draws)
+    assert all(0.8 <= p.brightness <= 1.2 and 0.8 <= p.saturation <= 1.2 for p in draws)
+    assert sample_params(sample(variant=3), strong, seed=0, epoch=0, train=False).flip_h is False
+
+
+def test_identity_transform_normalizes_exactly():
+    image = np.full((40, 40, 3), (200, 100, 50), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 5:20] = 255
+    x, m = apply_transform(image, mask, SPEC, AugmentParams())
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x.mean((1, 2)), expected.float(), atol=1e-5)
+    assert m.shape == (1, 32, 32) and set(m.unique().tolist()) == {0.0, 1.0}
+    shifted, _ = apply_transform(image, mask, SPEC, AugmentParams(rgb_shift=(10.0, 0.0, -10.0)))
+    delta = (shifted - x).mean((1, 2)) * torch.tensor(IMAGENET_STD) * 255
+    assert torch.allclose(delta, torch.tensor([10.0, 0.0, -10.0]), atol=1e-3)
+
+
+@pytest.mark.parametrize("angle", [45.0 * k for k in range(8)])
+def test_image_and_mask_share_the_geometry(angle):
+    _, mask = case(3, 64)
+    mask[:8, :8] = 255  # asymmetric marker
+    image = np.repeat(mask[..., None], 3, axis=-1)
+    params = AugmentParams(angle=angle, flip_h=True)
+    x, m = apply_transform(image, mask, replace(SPEC, strong=True), params)
+    grey = x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0] > 0.5
+    assert (grey == m[0].bool()).float().mean() > 0.97
+
+
+def test_rotation_by_90_is_counter_clockwise():
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:4, -4:] = 255  # top-right corner
+    x, _ = apply_transform(image, np.zeros((32, 32), np.uint8), SPEC, AugmentParams(angle=90.0))
+    assert x[0, :4, :4].mean() > x[0].mean()  # now top-left
+
+
+def test_center_crop_box_and_non_square_input():
+    assert crop_box(30, 40) == (0, 5, 30) and crop_box(41, 30) == (5, 0, 30)
+    image = np.zeros((30, 40, 3), np.uint8)
+    image[:, :5] = 255  # a stripe the centre crop removes
+    spec = replace(SPEC, center_crop=True)
+    x, m = apply_transform(image, np.zeros((30, 40), np.uint8), spec, AugmentParams())
+    assert x.shape == (3, 32, 32) and m.shape == (1, 32, 32)
+    assert torch.allclose(x[0], torch.full_like(x[0], -IMAGENET_MEAN[0] / IMAGENET_STD[0]), atol=1e-5)
+
+
+def encode(array: np.ndarray) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+@requires_dali
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_dali_matches_torch_for_every_variant(center_crop):
+    """Both backends, the same fixed variant: equal within interpolation tolerance."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    from cmgnet.data.augment.dali_pipeline import build_pipeline, sample_inputs, source_inputs
+
+    spec = TransformSpec(
+        size=32, center_crop=center_crop, variants=True, strong=True, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    image, mask = case(1, 48)
+    image, mask = image[:40], mask[:40]  # non-square: 48 x 40
+
+    rng = np.random.default_rng(0)
+    params = [variant_params(v, rng) for v in range(NUM_VARIANTS)]
+    params[5] = AugmentParams(angle=225.0, blur_sigma=1.0, flip_h=True, brightness=1.1, contrast=0.85, saturation=1.2)
+    top, left, side = crop_box(*mask.shape)
+    values = [
+        {
+            "image_bytes": encode(image),
+            "mask_bytes": encode(mask),
+            "mean": np.array([255 * m - s for m, s in zip(IMAGENET_MEAN, p.rgb_shift, strict=True)], np.float32),
+            "index": np.array(v, np.int64),
+            "resize": np.array(True),
+            "roi_start": np.array([top, left], np.float32),
+            "roi_end": np.array([top + side, left + side], np.float32),
+            **sample_inputs(p),
+        }
+        for v, p in enumerate(params)
+    ]
+    batch = tuple([sample[name] for sample in values] for name in source_inputs(spec))
+    pipe = build_pipeline([batch], spec, batch_size=NUM_VARIANTS, num_threads=1)
+    output = next(iter(DALIGenericIterator([pipe], ["image", "mask", "index", "ambiguous"], size=-1)))[0]
+    for v, p in enumerate(params):
+        x, m = apply_transform(image, mask, spec, p)
+        assert (output["image"][v] - x).abs().mean() < 0.02, (v, p)
+        assert (output["mask"][v] != m).float().mean() < 0.01, (v, p)
