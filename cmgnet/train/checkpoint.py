@@ -1,0 +1,244 @@
+"""Atomic, resumable checkpoints that never unpickle anything.
+
+A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/``:
+
+* ``model/``: the network as ``save_pretrained`` writes it (``config.json`` + safetensors);
+* ``optimizer.safetensors`` + ``optimizer.json``, ``scheduler.json``, ``scaler.json``:
+  state dicts split by :func:`save_state` into tensors (safetensors) and a typed JSON
+  skeleton, so loading is a safetensors read plus ``json.loads``;
+* ``rng-<rank>.safetensors/.json``: Python, NumPy and torch generator states of every rank;
+* ``trainer_state.json``: epoch, micro-batches consumed in it, optimiser steps, best score,
+  MLflow run id;
+* ``deepspeed/``: under DeepSpeed, model and optimiser shards from ``accelerator.save_state``
+  (DeepSpeed's own format uses ``torch.save``; resume such runs only from checkpoints you
+  wrote).
+
+Atomicity: everything is written into ``.tmp-step-XXXXXXXX/``, flushed, then renamed; the
+``latest`` pointer file is replaced atomically after the rename. A crash at any point leaves
+the previous checkpoint and pointer intact; a stale temporary directory is removed by the
+next save. Multi-process runs need the run directory on a file system every rank sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """Replace tensors/arrays by references and tag non-JSON containers (tuples, int keys)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), tensors, path)
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        # Optimizer state is keyed by int parameter index: keep key types exactly.
+        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path!r} in a checkpoint")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_state(state: Any, directory: Path, name: str) -> None:
+    """Write a nested state (dicts, lists, tuples, numbers, tensors, arrays) safely.
+
+    Args:
+        state: e.g. ``optimizer.state_dict()``.
+        directory: target folder.
+        name: file stem; writes ``<name>.json`` and, if there are tensors, ``<name>.safetensors``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(state, tensors, "s")
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    """Read what :func:`save_state` wrote (safetensors + JSON only: no unpickling)."""
+    tensor_file = directory / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process' generator states (Python, NumPy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(_as_tuples(state["python"]))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(obj: Any) -> Any:
+    # random.setstate wants nested tuples; JSON round-trips keep them (tagged) but be lenient.
+    return tuple(_as_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every OS/file system; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so readers see either the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place (``dst`` is replaced; a crash keeps one of them)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Atomic checkpoint directories under ``root`` with a ``latest`` pointer.
+
+    Args:
+        root: the run's ``checkpoints/`` folder.
+        keep: number of checkpoints kept (older ones are deleted after a successful save).
+        is_main: this process renames, prunes and updates the pointer.
+        barrier: callable that synchronises all processes (``accelerator.wait_for_everyone``).
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2, is_main: bool = True,
+                 barrier: Callable[[], None] = lambda: None) -> None:
+        self.root = Path(root)
+        self.keep = max(1, keep)
+        self.is_main = is_main
+        self.barrier = barrier
+
+    def save(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Write a checkpoint atomically.
+
+        Args:
+            name: directory name, e.g. ``step-00000100``.
+            write: called on every process with the temporary directory; each process writes
+                its own files (the main process the shared ones).
+
+        Returns:
+            The final checkpoint directory.
+        """
+        tmp = self.root / f".tmp-{name}"
+        final = self.root / name
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        self.barrier()
+        write(tmp)
+        self.barrier()
+        if self.is_main:
+            (tmp / COMPLETE).write_text(name + "\n")
+            _fsync_tree(tmp)
+            replace_dir(tmp, final)
+            atomic_write_text(self.root / LATEST, name + "\n")
+            self._prune(keep=final)
+        self.barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE).exists())
+        for old in [p for p in done if p != keep][: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or ``None``."""
+        pointer = self.root / LATEST
+        if pointer.exists():
+            path = self.root / pointer.read_text().strip()
+            if (path / COMPLETE).exists():
+                return path
+        done = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE).exists())
+        return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, ``checkpoints/`` or run directory path.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+    """
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = CheckpointManager(root).latest() if root.is_dir() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no complete checkpoint in {path}")

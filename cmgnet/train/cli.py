@@ -1,0 +1,214 @@
+"""Command lines of ``cmgnet train|evaluate|ablate`` and ``launch/{train,evaluate,ablate}.py``.
+
+Run under ``accelerate launch`` for several processes, GPUs, nodes or DeepSpeed::
+
+    accelerate launch launch/train.py --config configs/isic2017.yaml train.epochs=50 optim.lr=3e-4
+    accelerate launch --config_file launch/accelerate/multi_gpu.yaml launch/evaluate.py \\
+        --checkpoint runs/isic2017/best --split test --text-regime none metadata predicted oracle
+    python launch/ablate.py --config configs/demo.yaml train.epochs=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
+
+
+def setup_logging() -> None:
+    """INFO lines without decoration on stdout; third-party chatter at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    for noisy in ("mlflow", "alembic", "urllib3", "transformers", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _finish() -> None:
+    """Tear down the process group so multi-process runs exit cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _config_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 model.masa=false")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet train --config configs/<name>.yaml [key=value ...]``."""
+    parser = _config_parser("Train CMG-Net (or a baseline) from a YAML config.")
+    args = parser.parse_args(argv)
+    from .config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    setup_logging()
+    from .engine import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        if result.best_dir is not None:
+            trainer.log(f"best weights: {result.best_dir}")
+    finally:
+        _finish()
+    return 0
+
+
+def _find_config(checkpoint: Path) -> Path | None:
+    for candidate in (checkpoint / "experiment.yaml", checkpoint / "config.yaml", checkpoint.parent / "config.yaml",
+                      checkpoint / "best" / "experiment.yaml"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _find_weights(checkpoint: Path) -> Path:
+    from cmgnet.model.base import WEIGHTS_NAME
+
+    for candidate in (checkpoint, checkpoint / "best", checkpoint / "model"):
+        if (candidate / WEIGHTS_NAME).exists():
+            return candidate
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {checkpoint}, {checkpoint}/best or {checkpoint}/model")
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet evaluate --checkpoint runs/<run>/best [--split test] [--text-regime ...]``."""
+    parser = _config_parser("Evaluate saved weights on any split and text regime.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a save_pretrained directory (e.g. runs/<run>/best), a run directory or a checkpoint")
+    parser.add_argument("--split", nargs="+", default=None, help="splits (default: the config's eval.splits)")
+    parser.add_argument("--text-regime", nargs="+", choices=TEXT_REGIMES, default=None,
+                        help="text regimes (default: the config's eval.text_regimes)")
+    parser.add_argument("--output", help="output folder (default: <checkpoint>/eval-<timestamp>)")
+    parser.add_argument("--overlays", type=int, default=None, help="overlay PNGs per evaluation")
+    parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    parser.add_argument("--track", action="store_true", help="log the results as a new MLflow run")
+    args = parser.parse_args(argv)
+    from .config import load_config
+
+    checkpoint = Path(args.checkpoint)
+    weights = _find_weights(checkpoint)
+    config_path = args.config or _find_config(weights) or _find_config(checkpoint)
+    if config_path is None:
+        parser.error(f"no experiment.yaml/config.yaml next to {checkpoint}: pass --config")
+    cfg = load_config(config_path, [*args.overrides, "train.resume="])
+    eval_cfg = cfg.eval
+    if args.overlays is not None:
+        eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)
+    if args.no_hd95:
+        eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
+    cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    if args.print_config:
+        import yaml
+
+        from .config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    setup_logging()
+    try:
+        run_evaluation(cfg, weights, args.split or cfg.eval.splits, args.text_regime or cfg.eval.text_regimes,
+                       Path(args.output) if args.output else None, track=args.track)
+    finally:
+        _finish()
+    return 0
+
+
+def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[str], output: Path | None,
+                   track: bool = False) -> list:
+    """Evaluate a ``save_pretrained`` directory; print the tables; write JSON/CSV/overlays.
+
+    Args:
+        cfg: the experiment config (data section and eval settings are used).
+        weights: the ``save_pretrained`` directory (a ``diagnosis/`` sub-folder enables ``predicted``).
+        splits: splits to evaluate.
+        regimes: text regimes to evaluate.
+        output: output folder (default: ``<weights>/eval-<timestamp>``).
+        track: also log a new MLflow run with the metrics and files.
+
+    Returns:
+        The :class:`~cmgnet.train.evaluate.EvalResult` list.
+    """
+    import time
+
+    from cmgnet.model import SegmentationModel
+
+    from .data import DataModule
+    from .diagnosis import DiagnosisClassifier
+    from .engine import CLASSIFIER_DIR, build_accelerator
+    from .evaluate import Evaluator, format_table
+    from .tracking import Tracker, git_info, ui_command
+
+    log = logging.getLogger("cmgnet.evaluate")
+    accelerator = build_accelerator(cfg)
+    model = accelerator.prepare_model(SegmentationModel.from_pretrained(weights), evaluation_mode=True)
+    classifier = None
+    if (weights / CLASSIFIER_DIR).exists():
+        classifier = accelerator.prepare_model(DiagnosisClassifier.load(weights / CLASSIFIER_DIR), evaluation_mode=True)
+    data = DataModule(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+    output = output or weights / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    evaluator = Evaluator(cfg, model, data, accelerator, classifier)
+    main = accelerator.is_main_process
+    results = evaluator.run(splits, regimes, output, log=log.info if main else (lambda _m: None),
+                            checkpoint=str(weights))
+    if main and results:
+        print(format_table(results))
+        print(format_table(results, "pooled"))
+        print(f"\nwritten to {output}/ (summary.json; <split>-<regime>/metrics.json, per_image.csv, overlays/)")
+        if track:
+            from .config import flatten, to_dict
+
+            tracker = Tracker(cfg.logging)
+            tags = {**git_info(), "checkpoint": str(weights)}
+            tracker.start(f"eval-{weights.parent.name}", flatten(to_dict(cfg)), tags)
+            for r in results:
+                for convention in ("per_image_mean", "pooled"):
+                    tracker.log_metrics({f"test/{r.split}/{r.text_regime}/{convention}/{k}": v
+                                         for k, v in r.summary[convention].items()}, step=0)
+            tracker.log_artifact(output, "eval")
+            tracker.end()
+            if tracker.active:
+                print(f"MLflow: {ui_command(tracker.uri)}  (run {tracker.run_id})")
+    return results
+
+
+def ablate_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet ablate --config configs/<name>.yaml [--variants full no_masa ...] [key=value ...]``."""
+    from .ablate import VARIANTS, run_ablation
+    from .config import load_config
+
+    parser = _config_parser("Train and evaluate the paper's ablation variants; print table 3.")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="variants to run (default: all, in the paper's order)")
+    parser.add_argument("--split", default=None, help="split of the table (default: first of eval.splits)")
+    parser.add_argument("--text-regime", choices=TEXT_REGIMES, default=None,
+                        help="text regime of the table (default: data.text_regime_eval)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        from .config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    setup_logging()
+    try:
+        run_ablation(cfg, args.variants, args.split, args.text_regime)
+    finally:
+        _finish()
+    return 0

@@ -1,0 +1,381 @@
+"""The experiment config tree: dataclasses loaded from YAML with ``key=value`` overrides.
+
+One :class:`ExperimentConfig` holds everything a run needs, in nested sections:
+
+* ``model``: :class:`cmgnet.model.CMGNetConfig` fields (``arch`` picks the registered class);
+* ``data``: :class:`cmgnet.data.config.DataConfig` fields (format, root, text regimes, ...);
+* ``optim``, ``loss``, ``train``, ``eval``, ``logging``: defined here.
+
+YAML files may start from another file with ``base: other.yaml`` (relative to the file);
+overrides use dotted keys and YAML values::
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "model.masa=false", "train.epochs=2"])
+
+Unknown keys and wrongly typed values are errors naming the key, so a typo never trains the
+wrong model silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmgnet.data.config import DataConfig
+from cmgnet.model import CMGNetConfig
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule.
+
+    Args:
+        name: ``"adamw"`` or ``"sgd"``.
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        momentum: SGD momentum. The paper prints 0.0001, almost surely a typo for 0.9.
+        nesterov: SGD Nesterov momentum.
+        betas: AdamW betas.
+        schedule: a ``transformers.get_scheduler`` name: ``cosine``, ``polynomial``,
+            ``linear``, ``constant``, ``constant_with_warmup``, ...
+        warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        poly_power: exponent of the ``polynomial`` schedule (nnU-Net uses 0.9).
+        min_lr: final learning rate of the ``polynomial`` schedule.
+        grad_clip: max global gradient norm; 0 disables clipping.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    """``dice_weight * Dice + bce_weight * BCE`` (paper: 0.5 and 0.5).
+
+    Args:
+        dice_weight: weight of the soft Dice loss.
+        bce_weight: weight of binary cross-entropy on the logits.
+        batch_dice: pool Dice over the batch instead of averaging per-image Dice.
+    """
+
+    dice_weight: float = 0.5
+    bce_weight: float = 0.5
+    batch_dice: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        epochs: passes over the training split.
+        batch_size: images per process and micro-step; the global batch is
+            ``batch_size * grad_accum * num_processes``.
+        grad_accum: micro-steps per optimiser step.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (loss scaling); an ``accelerate
+            launch --mixed_precision`` flag takes precedence.
+        seed: seeds Python, NumPy and torch (model init is identical on every rank; per-rank
+            randomness is offset by the rank).
+        deterministic: ``torch.use_deterministic_algorithms`` (slower; exact reruns on CPU).
+        val_every: validate every this many epochs (and after the last).
+        checkpoint_every_steps: also checkpoint every this many optimiser steps (0: epoch ends only).
+        keep_checkpoints: resumable checkpoints kept (the best weights are kept separately).
+        log_every: optimiser steps between step-level metric logs.
+        time_limit_minutes: stop after this wall time with a checkpoint (0: no limit).
+        max_steps: stop after this many optimiser steps (0: no limit; for smoke runs).
+        resume: ``"auto"`` (latest checkpoint of this run, if any), a checkpoint or run
+            directory, or ``""`` (start fresh).
+        sync_batchnorm: use ``SyncBatchNorm`` across processes (PyTorch supports it on GPUs
+            only; CPU processes keep per-process batch statistics).
+        diagnosis_classifier: train the small diagnosis classifier beside the network when
+            the ``predicted`` text regime is evaluated (see ``cmgnet.train.diagnosis``).
+        diagnosis_width: first-stage width of that classifier.
+    """
+
+    epochs: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    deterministic: bool = False
+    val_every: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    time_limit_minutes: float = 0.0
+    max_steps: int = 0
+    resume: str = "auto"
+    sync_batchnorm: bool = True
+    diagnosis_classifier: bool = True
+    diagnosis_width: int = 16
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and the final evaluation of the best weights.
+
+    Args:
+        val_split: split used to pick the best checkpoint.
+        splits: splits evaluated with the best weights when training ends.
+        text_regimes: text regimes of the final evaluation (validation uses
+            ``data.text_regime_eval``).
+        threshold: probability above which a pixel is lesion.
+        hd95: compute HD95 in the final evaluation (validation skips it for speed).
+        overlays: overlay PNGs (prediction vs ground truth) written per evaluation.
+        batch_size: evaluation batch per process (0: ``train.batch_size``).
+    """
+
+    val_split: str = "val"
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    text_regimes: list[str] = field(default_factory=lambda: ["none", "metadata", "oracle"])
+    threshold: float = 0.5
+    hd95: bool = True
+    overlays: int = 8
+    batch_size: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory, progress output and MLflow.
+
+    Args:
+        output_dir: parent of every run directory and of the default MLflow store.
+        run_name: run directory name (``""``: ``<name>-<timestamp>``).
+        mlflow: track the run in MLflow.
+        tracking_uri: MLflow tracking URI (``""``: ``sqlite:///<output_dir>/mlflow.db``).
+        artifact_location: experiment artifact root (``""``: ``<output_dir>/mlartifacts``);
+            only used when the experiment is created.
+        experiment: MLflow experiment name.
+        log_model: log the best weights as an MLflow (pyfunc) model at the end.
+        progress_bar: tqdm bars on the main process.
+    """
+
+    output_dir: str = "runs"
+    run_name: str = ""
+    mlflow: bool = True
+    tracking_uri: str = ""
+    artifact_location: str = ""
+    experiment: str = "cmgnet"
+    log_model: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run needs (see the module docstring).
+
+    Args:
+        name: experiment name (run-name prefix, MLflow run name).
+        arch: registered model name (``cmgnet`` or ``unet``; see ``cmgnet.model.list_models``).
+        model: :class:`~cmgnet.model.CMGNetConfig` fields.
+        data: :class:`~cmgnet.data.config.DataConfig` fields.
+        optim, loss, train, eval, logging: the sections above.
+    """
+
+    name: str = "cmgnet"
+    arch: str = "cmgnet"
+    model: CMGNetConfig = field(default_factory=CMGNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a type hint, converting where YAML is looser (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(f"{key}: {value!r} matches none of {hint}: {'; '.join(errors)}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{key}: {value!r} is not one of {typing.get_args(hint)}")
+        return value
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            value = [value]  # `key=x` on the command line for a one-element list
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_hint = args[0] if args else Any
+            items = [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) mapping, checking keys and types.
+
+    Args:
+        cls: a dataclass type.
+        values: field values; nested dataclass fields take mappings.
+        prefix: dotted path of ``cls`` in the tree (for error messages).
+
+    Returns:
+        An instance of ``cls``; fields not given keep their defaults.
+
+    Raises:
+        KeyError: an unknown key (the message lists the valid ones).
+        TypeError, ValueError: a value of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = prefix or "config"
+        keys = ", ".join(f"{prefix}.{u}".lstrip(".") for u in unknown)
+        raise KeyError(f"unknown key(s) {keys} in {where}; valid: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain YAML/JSON values (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (the MLflow params form)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{path}: circular 'base:' chain {' -> '.join(map(str, seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read config {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config file must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "model.masa=false"]`` -> nested dict with YAML-typed values."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (following ``base:``), apply dotted overrides, validate.
+
+    Args:
+        path: YAML file, or ``None`` for the defaults.
+        overrides: ``key=value`` strings (values parsed as YAML: ``false``, ``1e-3``, ``[16, 8]``).
+
+    Returns:
+        The validated :class:`ExperimentConfig`.
+    """
+    raw = _read_yaml(Path(path)) if path else {}
+    return from_dict(ExperimentConfig, _deep_merge(raw, parse_overrides(overrides)))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (loadable by :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

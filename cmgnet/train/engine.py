@@ -1,0 +1,570 @@
+"""The training engine: one :class:`Trainer` for CPU, one GPU, DDP, DeepSpeed and many nodes.
+
+Accelerate does the distribution (DDP, DeepSpeed ZeRO, mixed precision, gradient
+accumulation); the engine adds what a segmentation run needs around it:
+
+* per-epoch loaders with exact resume (epoch, micro-batches consumed, RNG of every rank);
+* atomic checkpoints (:mod:`cmgnet.train.checkpoint`) and the best-by-validation-Dice
+  weights as a ``save_pretrained`` directory (``<run>/best/``);
+* sample-exact evaluation in any text regime (:mod:`cmgnet.train.evaluate`), including
+  ``predicted`` through the diagnosis classifier trained alongside
+  (:mod:`cmgnet.train.diagnosis`);
+* MLflow tracking that degrades to a warning (:mod:`cmgnet.train.tracking`);
+* progress bars and logs on the main process only.
+
+The loop is split into hooks in the nnU-Net manner; subclass and override any of
+:meth:`Trainer.on_train_start`, :meth:`~Trainer.on_epoch_start`, :meth:`~Trainer.training_step`,
+:meth:`~Trainer.on_step_end`, :meth:`~Trainer.on_epoch_end`, :meth:`~Trainer.validate`,
+:meth:`~Trainer.on_train_end`.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", ["train.epochs=1"])
+    >>> result = Trainer(cfg).fit()
+    >>> result.best_dir
+    PosixPath('runs/demo-.../best')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, broadcast_object_list, set_seed
+from torch import Tensor
+
+from cmgnet.model import SegmentationModel, create_model
+from cmgnet.model.base import WEIGHTS_NAME
+
+from . import checkpoint as ckpt
+from .config import ExperimentConfig, flatten, save_config, to_dict
+from .data import DataModule, LoaderSource
+from .diagnosis import IGNORE, DiagnosisClassifier, classes_of
+from .evaluate import EvalResult, Evaluator, format_table
+from .losses import build_loss
+from .optim import build_optimizer, build_scheduler
+from .tracking import Tracker, git_info, ui_command
+
+logger = logging.getLogger("cmgnet.train")
+
+BEST_DIR = "best"
+CLASSIFIER_DIR = "diagnosis"
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint as ``trainer_state.json``.
+
+    Attributes:
+        epoch: the current epoch (0-based).
+        batch_in_epoch: micro-batches of ``epoch`` already trained on (the data position).
+        global_step: optimiser steps taken.
+        best_metric: best validation Dice so far (per-image mean).
+        best_epoch: epoch of ``best_metric`` (``-1``: none yet).
+        mlflow_run_id: the MLflow run to continue on resume.
+        elapsed_s: training wall time of earlier sessions of this run.
+        world_size: processes the checkpoint was written with.
+        history: one dict per finished epoch (loss, validation metrics, time).
+    """
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    mlflow_run_id: str | None = None
+    elapsed_s: float = 0.0
+    world_size: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        run_dir: the run directory.
+        best_dir: the best weights (``save_pretrained`` layout), or ``None`` without validation.
+        state: the final :class:`TrainState`.
+        results: final evaluations of the best weights (one per split and text regime).
+        tracking_uri: the MLflow store (``None`` when tracking was off or failed).
+        mlflow_run_id: the MLflow run id, if tracked.
+    """
+
+    run_dir: Path
+    best_dir: Path | None
+    state: TrainState
+    results: list[EvalResult]
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+
+
+def resolve_mixed_precision(configured: str) -> str:
+    """The config's precision, unless ``accelerate launch`` asked for one explicitly."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    choice = launched if launched != "no" else configured
+    if choice not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {choice!r}")
+    return choice
+
+
+def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
+    """An :class:`~accelerate.Accelerator` for the config (the launcher's settings still apply).
+
+    Gradient accumulation is counted by Accelerate but not tied to the loaders (which are not
+    ``prepare``-d: they shard themselves, sample-exactly for evaluation).
+    """
+    # Several processes without CUDA (torchrun or `accelerate launch --multi_gpu` on a CPU box):
+    # Accelerate only sets up gloo DDP when told the run is on CPU.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=cpu_ddp,
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
+        ),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class Trainer:
+    """Train, validate, checkpoint, evaluate and track one experiment.
+
+    Args:
+        cfg: the experiment.
+        data: a :class:`~cmgnet.train.data.LoaderSource` (default: a
+            :class:`~cmgnet.train.data.DataModule` over ``cfg.data``).
+        accelerator: reuse an accelerator (e.g. across ablation variants); built from ``cfg``
+            otherwise.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, data: LoaderSource | None = None,
+                 accelerator: Accelerator | None = None) -> None:
+        if cfg.data.text_regime_train == "predicted":
+            raise ValueError("data.text_regime_train='predicted' is an evaluation regime: train with oracle, "
+                             "metadata or none and evaluate with predicted")
+        self.cfg = cfg
+        self.accelerator = accelerator or build_accelerator(cfg)
+        self.data = data
+        self.state = TrainState(world_size=self.accelerator.num_processes)
+        self.tracker = Tracker(cfg.logging, enabled=self.accelerator.is_main_process)
+        self._stop = False
+        self._pending_rng: dict[str, Any] | None = None
+        self._window: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def log(self, message: str) -> None:
+        """A concise log line, main process only."""
+        if self.is_main:
+            logger.info(message)
+
+    def setup(self) -> None:
+        """Seed, build model/optimiser/scheduler/loaders, resolve the run directory, resume."""
+        cfg, acc = self.cfg, self.accelerator
+        # Identical initial weights everywhere, then per-rank streams (modality dropout etc.).
+        set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+        model = create_model(cfg.arch, **dataclasses.asdict(cfg.model))
+        if acc.num_processes > 1 and cfg.train.sync_batchnorm and acc.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.data is None:
+            self.data = DataModule(cfg.data, acc.process_index, acc.num_processes, cfg.train.seed)
+        self.classifier = self._build_classifier()
+        set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
+
+        self.loss_fn = build_loss(cfg.loss)
+        train_loader = self.data.train_loader(cfg.train.batch_size, 0)
+        self.steps_per_epoch = len(train_loader) // cfg.train.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(train_loader)} batches per epoch on this rank is fewer than grad_accum="
+                             f"{cfg.train.grad_accum}: lower the batch size or accumulation")
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        if self.is_deepspeed:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # loaders are not prepare()-d
+                ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        # The scheduler stays unprepared: it is stepped once per real optimiser step, by us.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.classifier is not None:
+            cls_opt = torch.optim.AdamW(self.classifier.parameters(), lr=1e-3, weight_decay=1e-4)
+            self.classifier, self.cls_optimizer = acc.prepare(self.classifier, cls_opt)
+        self.evaluator = Evaluator(cfg, self.model, self.data, acc, self.classifier)
+
+        self.run_dir = self._resolve_run_dir()
+        self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                                  self.is_main, acc.wait_for_everyone)
+        resume_from = self._resume_path()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+    def _build_classifier(self) -> DiagnosisClassifier | None:
+        wanted = "predicted" in self.cfg.eval.text_regimes or self.cfg.data.text_regime_eval == "predicted"
+        if not (self.cfg.train.diagnosis_classifier and wanted):
+            return None
+        if self.is_deepspeed:
+            self.log("note: the diagnosis classifier (text regime 'predicted') is not trained under DeepSpeed, "
+                     "which drives a single model")
+            return None
+        self.train_diagnoses = self.data.diagnoses("train")
+        classes = classes_of(self.train_diagnoses)
+        if len(classes) < 2:
+            self.log(f"note: training split has diagnoses {classes}; no classifier, no 'predicted' regime")
+            return None
+        return DiagnosisClassifier(classes, self.cfg.train.diagnosis_width)
+
+    def _resolve_run_dir(self) -> Path:
+        cfg = self.cfg
+        if cfg.train.resume not in ("", "auto"):
+            return ckpt.resolve_checkpoint(cfg.train.resume).parent.parent
+        name = [cfg.logging.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(name)  # one timestamp for every rank
+        return Path(cfg.logging.output_dir) / name[0]
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if resume == "":
+            return None
+        if resume == "auto":
+            return self.checkpoints.latest()
+        return ckpt.resolve_checkpoint(resume)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _unwrapped(self) -> SegmentationModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextlib.contextmanager
+    def _full_parameters(self, modifier_rank: int | None = None):
+        """Under ZeRO-3, gather the partitioned parameters (on every rank) for the duration."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank):
+            yield
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        acc = self.accelerator
+        if self.is_deepspeed:
+            acc.save_state(str(directory / "deepspeed"))  # collective; DeepSpeed's own (torch.save) format
+        elif self.is_main:
+            self._unwrapped().save_pretrained(directory / "model")
+            ckpt.save_state(self.optimizer.state_dict(), directory, "optimizer")
+            if self.classifier is not None:
+                acc.unwrap_model(self.classifier).save(directory / CLASSIFIER_DIR)
+                ckpt.save_state(self.cls_optimizer.state_dict(), directory, "classifier_optimizer")
+        if self.is_main:
+            ckpt.save_state(self.scheduler.state_dict(), directory, "scheduler")
+            if acc.scaler is not None:
+                ckpt.save_state(acc.scaler.state_dict(), directory, "scaler")
+            (directory / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
+        ckpt.save_state(ckpt.rng_state(), directory, f"rng-{acc.process_index}")
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint atomically (all processes must call this)."""
+        self.state.elapsed_s = self._elapsed()
+        path = self.checkpoints.save(f"step-{self.state.global_step:08d}", self._write_checkpoint)
+        self.log(f"checkpoint {path}")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimiser, scheduler, scaler, state; RNG is restored at the data position."""
+        acc = self.accelerator
+        if self.is_deepspeed:
+            acc.load_state(str(path / "deepspeed"))
+        else:
+            self._unwrapped().load_weights(path / "model" / WEIGHTS_NAME)
+            self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
+            if self.classifier is not None and (path / CLASSIFIER_DIR).exists():
+                loaded = DiagnosisClassifier.load(path / CLASSIFIER_DIR)
+                acc.unwrap_model(self.classifier).load_state_dict(loaded.state_dict())
+                self.cls_optimizer.load_state_dict(ckpt.load_state(path, "classifier_optimizer"))
+        self.scheduler.load_state_dict(ckpt.load_state(path, "scheduler"))
+        if acc.scaler is not None and (path / "scaler.json").exists():
+            acc.scaler.load_state_dict(ckpt.load_state(path, "scaler"))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.state = TrainState(**state)
+        if self.state.world_size != acc.num_processes:
+            self.log(f"warning: checkpoint written by {self.state.world_size} processes, resuming on "
+                     f"{acc.num_processes}: the data order from here on differs from an uninterrupted run")
+            self.state.world_size = acc.num_processes
+        rng_file = path / f"rng-{acc.process_index}.json"
+        self._pending_rng = ckpt.load_state(path, rng_file.stem) if rng_file.exists() else None
+        self.log(f"resumed from {path} (epoch {self.state.epoch}, batch {self.state.batch_in_epoch}, "
+                 f"step {self.state.global_step})")
+
+    def save_best(self, metrics: dict[str, Any]) -> Path:
+        """Keep the current weights as ``<run>/best/`` (``save_pretrained`` layout + metrics.json)."""
+        best = self.run_dir / BEST_DIR
+        with self._full_parameters():
+            if self.is_main:
+                tmp = self.run_dir / f".{BEST_DIR}.tmp"
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._unwrapped().save_pretrained(tmp)
+                if self.classifier is not None:
+                    self.accelerator.unwrap_model(self.classifier).save(tmp / CLASSIFIER_DIR)
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                save_config(self.cfg, tmp / "experiment.yaml")
+                ckpt.replace_dir(tmp, best)
+        self.accelerator.wait_for_everyone()
+        return best
+
+    def load_best(self) -> None:
+        """Load ``<run>/best/`` into the model (and classifier) on every process."""
+        best = self.run_dir / BEST_DIR
+        with self._full_parameters(modifier_rank=0):
+            self._unwrapped().load_weights(best / WEIGHTS_NAME)
+        if self.classifier is not None and (best / CLASSIFIER_DIR).exists():
+            loaded = DiagnosisClassifier.load(best / CLASSIFIER_DIR)
+            self.accelerator.unwrap_model(self.classifier).load_state_dict(loaded.state_dict())
+
+    # ------------------------------------------------------------------ the loop
+    def _elapsed(self) -> float:
+        """Training wall time of this run, earlier (resumed-from) sessions included."""
+        return self._elapsed_before + time.perf_counter() - self._t0
+
+    def fit(self) -> TrainResult:
+        """Run the whole experiment: train, validate, checkpoint, final evaluation, tracking.
+
+        Returns:
+            A :class:`TrainResult`.
+        """
+        self._t0, self._elapsed_before = time.perf_counter(), 0.0
+        self.setup()
+        self._t0, self._elapsed_before = time.perf_counter(), self.state.elapsed_s
+        status = "FAILED"
+        try:
+            self.on_train_start()
+            while self.state.epoch < self.cfg.train.epochs and not self._stop:
+                self.on_epoch_start(self.state.epoch)
+                self.train_epoch(self.state.epoch)
+                if self.state.batch_in_epoch >= self.steps_per_epoch * self.cfg.train.grad_accum:
+                    self.on_epoch_end(self.state.epoch)
+            results = self.on_train_end()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.tracker.end(status)
+        best = self.run_dir / BEST_DIR
+        return TrainResult(self.run_dir, best if best.exists() else None, self.state, results,
+                           self.tracker.uri if self.tracker.reason is None and self.cfg.logging.mlflow else None,
+                           self.tracker.run_id)
+
+    def on_train_start(self) -> None:
+        """Open the MLflow run (continued on resume) and print what is about to happen."""
+        cfg, acc = self.cfg, self.accelerator
+        unwrapped = self._unwrapped()
+        params = flatten(to_dict(cfg))
+        params.update({"model.trainable_parameters": unwrapped.num_parameters(trainable_only=True),
+                       "runtime.num_processes": acc.num_processes,
+                       "runtime.distributed_type": str(acc.distributed_type),
+                       "runtime.mixed_precision": acc.mixed_precision,
+                       "runtime.global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes})
+        tags = {**git_info(), "run_dir": str(self.run_dir.resolve())}
+        run_id = self.tracker.start(self.run_dir.name, params, tags, run_id=self.state.mlflow_run_id)
+        self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
+        self.tracker.log_artifact(self.run_dir / "config.yaml")
+        precision = "fp32" if acc.mixed_precision == "no" else acc.mixed_precision
+        self.log(f"run {self.run_dir}  |  {cfg.arch} {unwrapped.num_parameters(trainable_only=True) / 1e6:.2f}M "
+                 f"trainable params  |  {acc.distributed_type.value} x{acc.num_processes} on {acc.device}, {precision} "
+                 f"precision  |  {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, global batch "
+                 f"{params['runtime.global_batch']}  |  text: train {cfg.data.text_regime_train}, "
+                 f"eval {cfg.data.text_regime_eval}")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each (possibly resumed) epoch."""
+
+    def train_epoch(self, epoch: int) -> None:
+        """Train one epoch from the saved data position."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        loader = self.data.train_loader(cfg.train.batch_size, epoch)
+        n_micro = self.steps_per_epoch * cfg.train.grad_accum
+        start = self.state.batch_in_epoch
+        batches = iter(loader)
+        # Exact data position: the loaders' order and augmentation depend on (seed, epoch,
+        # sample) only, so re-reading and dropping the consumed batches replays them exactly.
+        for _ in range(start):
+            next(batches)
+        if self._pending_rng is not None:
+            ckpt.set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        self._epoch_losses: list[float] = []
+        self._epoch_t0 = time.perf_counter()
+        bar = tqdm(total=n_micro, initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not (self.is_main and cfg.logging.progress_bar))
+        for index in range(start, n_micro):
+            loss = self.training_step(next(batches))
+            self.state.batch_in_epoch = index + 1
+            self._window.append(loss)
+            bar.update(1)
+            if self.accelerator.sync_gradients:
+                self.state.global_step += 1
+                step_loss = sum(self._window) / len(self._window)
+                self._window = []
+                self._epoch_losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                self.on_step_end(step_loss)
+                if self._stop:
+                    break
+        bar.close()
+
+    def training_step(self, batch: dict[str, Any]) -> float:
+        """Forward, loss, backward and (every ``grad_accum`` micro-steps) an optimiser step.
+
+        Returns:
+            The micro-batch loss on this process.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        image = batch["image"].to(acc.device, non_blocking=True)
+        mask = batch["mask"].to(acc.device, non_blocking=True)
+        models = (self.model,) if self.classifier is None else (self.model, self.classifier)
+        self.model.train()
+        with acc.accumulate(*models):
+            logits = self.model(image, text=list(batch["text"]))
+            loss = self.loss_fn(logits.float(), mask)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.classifier is not None:
+                self._classifier_step(image, batch["image_id"])
+        return float(loss.detach())
+
+    def _classifier_step(self, image: Tensor, ids: list[str]) -> None:
+        self.classifier.train()
+        unwrapped = self.accelerator.unwrap_model(self.classifier)
+        target = unwrapped.targets([self.train_diagnoses.get(str(i)) for i in ids], image.device)
+        logits = self.classifier(image).float()
+        # All-unknown batches still run backward (zero loss) so DDP ranks stay in step.
+        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE) if (target != IGNORE).any() \
+            else logits.sum() * 0.0
+        self.accelerator.backward(loss)
+        self.cls_optimizer.step()
+        self.cls_optimizer.zero_grad(set_to_none=True)
+
+    def on_step_end(self, loss: float) -> None:
+        """After each optimiser step: step metrics, step checkpoints, stop conditions."""
+        cfg, state = self.cfg.train, self.state
+        if state.global_step % max(1, cfg.log_every) == 0:
+            metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": state.epoch}
+            if getattr(self, "_grad_norm", None) is not None:
+                metrics["train/grad_norm"] = float(self._grad_norm)
+            self.tracker.log_metrics(metrics, step=state.global_step)
+        if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
+            self.save_checkpoint()
+        if cfg.max_steps and state.global_step >= cfg.max_steps:
+            self._stop = True
+        if cfg.time_limit_minutes > 0:
+            # Every rank must agree to stop at the same step: any rank over time triggers all.
+            if self._elapsed() > 60 * cfg.time_limit_minutes:
+                self.accelerator.set_trigger()
+            if self.accelerator.check_trigger():
+                self.log(f"time limit of {cfg.time_limit_minutes} min reached at step {state.global_step}")
+                self._stop = True
+        if self._stop:
+            self.save_checkpoint()
+            self.validate(state.epoch)  # the latest weights may beat the last epoch's
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Validate when due, keep the best weights, checkpoint, log the epoch."""
+        cfg = self.cfg.train
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.global_step,
+                                  "train_loss": sum(self._epoch_losses) / max(1, len(self._epoch_losses)),
+                                  "epoch_time_s": time.perf_counter() - self._epoch_t0}
+        last = epoch + 1 == self.cfg.train.epochs
+        if (epoch + 1) % max(1, cfg.val_every) == 0 or last:
+            record.update(self.validate(epoch))
+        self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+        self.state.history.append(record)
+        epoch_metrics = {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
+        self.tracker.log_metrics(epoch_metrics, step=self.state.global_step)
+        self.save_checkpoint()
+        val = ""
+        if "val_dice" in record:
+            val = (f"  val dice {record['val_dice']:.4f} "
+                   f"(best {self.state.best_metric:.4f} @ epoch {self.state.best_epoch + 1})")
+        self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train_loss']:.4f}{val}  "
+                 f"lr {self.scheduler.get_last_lr()[0]:.2e}  {record['epoch_time_s']:.1f}s")
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Score the validation split; keep the best weights by per-image mean Dice.
+
+        Returns:
+            ``val_<metric>`` values (per-image mean) for the epoch record.
+        """
+        regime = self.cfg.data.text_regime_eval
+        result = self.evaluate(self.cfg.eval.val_split, regime, with_hd95=False)
+        metrics = {f"val_{k}": v for k, v in result.summary["per_image_mean"].items() if k != "hd95_undefined"}
+        dice = metrics["val_dice"]
+        if dice > self.state.best_metric:
+            self.state.best_metric, self.state.best_epoch = dice, epoch
+            self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
+                            "text_regime": regime, "convention": "per_image_mean", **result.summary})
+            self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
+        self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items()}, step=self.state.global_step)
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str, text_regime: str, *, with_hd95: bool, overlay_dir: Path | None = None) -> EvalResult:
+        """Sample-exact metrics of the current weights on one split under one text regime."""
+        return self.evaluator.evaluate(split, text_regime, with_hd95=with_hd95, overlay_dir=overlay_dir)
+
+    def on_train_end(self) -> list[EvalResult]:
+        """Evaluate the best weights on ``eval.splits`` x ``eval.text_regimes``; log everything."""
+        best = self.run_dir / BEST_DIR
+        if not best.exists():
+            self.log("no validation was run: no best weights to evaluate")
+            return []
+        self.load_best()
+        out_root = self.run_dir / "eval"
+        results = self.evaluator.run(self.cfg.eval.splits, self.cfg.eval.text_regimes, out_root, log=self.log,
+                                     checkpoint=str(best))
+        for result in results:
+            for convention in ("per_image_mean", "pooled"):
+                self.tracker.log_metrics({f"test/{result.split}/{result.text_regime}/{convention}/{k}": v
+                                          for k, v in result.summary[convention].items()}, step=self.state.global_step)
+        if self.is_main:
+            if results:
+                self.log("final evaluation of the best weights:\n" + format_table(results) + "\n"
+                         + format_table(results, "pooled"))
+                self.tracker.log_artifact(out_root, "eval")
+            self.tracker.log_artifact(best, "best")
+            if self.cfg.logging.log_model:
+                uri = self.tracker.log_model(best)
+                if uri:
+                    self.log(f"MLflow model: {uri}")
+            if self.tracker.active:
+                self.log(f"MLflow: {ui_command(self.tracker.uri)}  (run {self.tracker.run_id})")
+        return results

@@ -1,0 +1,336 @@
+"""Evaluation: predictions -> per-image metrics -> summary, table, JSON, CSV and overlays.
+
+Sample-exact across processes: every rank scores its own disjoint shard (the evaluation
+loaders shard without padding duplicates) and the per-image rows are gathered, so each image
+is counted exactly once (:func:`cmgnet.metrics.summarize` refuses duplicates). Every output
+names the aggregation convention, the text regime and the split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image
+from torch import nn
+
+from cmgnet.metrics import CONVENTIONS, COUNT_KEYS, EMPTY_CONVENTION, METRICS, per_image_rows, summarize
+
+from .config import ExperimentConfig
+from .data import LoaderSource
+from .diagnosis import vote
+
+TABLE_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "f1", "accuracy", "hd95")
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one (split, text regime) evaluation.
+
+    Attributes:
+        split: the split evaluated.
+        text_regime: the sentence regime the model was given.
+        summary: :func:`cmgnet.metrics.summarize` output.
+        rows: one dict per image (id, counts, metrics).
+        info: extra facts written to the JSON (checkpoint, dataset, threshold, ...).
+    """
+
+    split: str
+    text_regime: str
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.split}/{self.text_regime}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "text_regime": self.text_regime, **self.info, **self.summary}
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Colour an RGB image by agreement: TP yellow, FP red (over-segmentation), FN green (missed).
+
+    Args:
+        image: ``H x W x 3`` uint8.
+        pred: ``H x W`` bool prediction.
+        target: ``H x W`` bool ground truth.
+        alpha: colour opacity.
+
+    Returns:
+        ``H x W x 3`` uint8, the input image beside the coloured one.
+    """
+    colours = {(True, True): (255, 220, 0), (True, False): (230, 30, 30), (False, True): (30, 200, 60)}
+    out = image.astype(np.float32).copy()
+    for (p, t), colour in colours.items():
+        where = (pred == p) & (target == t)
+        out[where] = (1 - alpha) * out[where] + alpha * np.array(colour, dtype=np.float32)
+    return np.concatenate([image, out.clip(0, 255).astype(np.uint8)], axis=1)
+
+
+def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``3 x H x W`` normalised float tensor -> ``H x W x 3`` uint8."""
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * s + m).clamp(0, 1) * 255
+    return rgb.round().byte().permute(1, 2, 0).numpy()
+
+
+def _batches_per_rank(accelerator: Accelerator, n: int) -> int:
+    counts = gather_object([n]) if accelerator.num_processes > 1 else [n]
+    return max(counts)
+
+
+def _is_zero3(accelerator: Accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@torch.no_grad()
+def predict_rows(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    accelerator: Accelerator,
+    *,
+    threshold: float = 0.5,
+    with_hd95: bool = True,
+    overlay_dir: str | Path | None = None,
+    n_overlays: int = 0,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Run the model over a (sharded) loader and return every image's metrics row, gathered.
+
+    Args:
+        model: the (prepared) network; put in eval mode here and left there.
+        loader: this rank's shard, yielding ``image, mask, text, image_id`` batches.
+        accelerator: gathers rows across processes.
+        threshold: probability threshold of the binary prediction.
+        with_hd95: compute HD95 per image.
+        overlay_dir: where overlay PNGs go (``None``: none written).
+        n_overlays: overlays written in total (split evenly over ranks).
+        mean, std: the loader's normalisation, to show the image in overlays.
+        progress: show a progress bar (main process only).
+
+    Returns:
+        Rows of all ranks (identical list on every rank).
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    per_rank = math.ceil(n_overlays / accelerator.num_processes) if overlay_dir else 0
+    written = 0
+    if overlay_dir and per_rank:
+        Path(overlay_dir).mkdir(parents=True, exist_ok=True)
+    n_batches = len(loader) if hasattr(loader, "__len__") else None
+    # ZeRO-3 gathers parameters collectively in every forward: ranks must run equally many.
+    pad_to = _batches_per_rank(accelerator, n_batches or 0) if _is_zero3(accelerator) else 0
+    last = None
+    show = progress and accelerator.is_main_process
+    bar = tqdm(loader, total=n_batches, desc="eval", leave=False, disable=not show)
+    for batch in bar:
+        last = batch
+        image = batch["image"].to(accelerator.device, non_blocking=True)
+        logits = model(image, text=list(batch["text"])).float()
+        pred = torch.sigmoid(logits) > threshold
+        target = batch["mask"].to(pred.device) > 0.5
+        ids = [str(i) for i in batch["image_id"]]
+        rows.extend(per_image_rows(pred.cpu(), target.cpu(), ids, with_hd95=with_hd95))
+        for i in range(min(len(ids), per_rank - written)):
+            picture = overlay(denormalize(batch["image"][i], mean, std), pred[i, 0].cpu().numpy(),
+                              target[i, 0].cpu().numpy())
+            Image.fromarray(picture).save(Path(overlay_dir) / f"{ids[i].replace('/', '_')}.png")
+            written += 1
+    for _ in range(max(0, pad_to - (n_batches or 0))):
+        if last is not None:  # a discarded forward keeps ZeRO-3 collectives in step
+            model(last["image"].to(accelerator.device), text=list(last["text"]))
+    return gather_object(rows) if accelerator.num_processes > 1 else rows
+
+
+def format_table(results: Sequence[EvalResult], convention: str = "per_image_mean") -> str:
+    """A fixed-width table, one row per result, metrics in percent (HD95 in pixels).
+
+    Args:
+        results: evaluations to show.
+        convention: ``per_image_mean`` or ``pooled`` (named in the header).
+
+    Returns:
+        The table text (with a header naming the convention).
+    """
+    metrics = [m for m in TABLE_METRICS if convention == "per_image_mean" or m != "hd95"]
+    head = ["split/text", "n"] + [m if m != "hd95" else "hd95(px)" for m in metrics]
+    lines = []
+    for r in results:
+        values = r.summary[convention]
+        cells = [r.label, str(r.summary["n_images"])]
+        for m in metrics:
+            v = values.get(m, math.nan)
+            cells.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                         (f"{v:.2f}" if m == "hd95" else f"{100 * v:.2f}"))
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+
+    def fmt(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    title = f"[{convention}: {CONVENTIONS[convention]}; metrics in %]"
+    return "\n".join([title, fmt(head), *(fmt(c) for c in lines)])
+
+
+def write_result(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``metrics.json`` and ``per_image.csv`` for one evaluation.
+
+    Args:
+        result: the evaluation.
+        out_dir: target folder (created).
+
+    Returns:
+        ``{"json": path, "csv": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "metrics.json"
+    json_path.write_text(json.dumps(result.to_json(), indent=2, allow_nan=True) + "\n")
+    csv_path = out / "per_image.csv"
+    columns = ["image_id", *METRICS, *COUNT_KEYS]
+    with open(csv_path, "w", newline="") as f:
+        # A comment-free CSV stays machine-readable; the convention is in the column set and the JSON.
+        writer = csv.DictWriter(f, fieldnames=[*columns, "split", "text_regime"], extrasaction="ignore")
+        writer.writeheader()
+        for row in sorted(result.rows, key=lambda r: r["image_id"]):
+            writer.writerow({**row, "split": result.split, "text_regime": result.text_regime})
+    return {"json": json_path, "csv": csv_path}
+
+
+def build_result(rows: list[dict[str, Any]], split: str, text_regime: str, with_hd95: bool,
+                 **info: Any) -> EvalResult:
+    """Summarise gathered rows into an :class:`EvalResult` (``info`` goes into the JSON)."""
+    info = {"per_image_metrics": "per_image.csv", "empty_masks": EMPTY_CONVENTION, **info}
+    return EvalResult(split, text_regime, summarize(rows, with_hd95=with_hd95), rows, info)
+
+
+@torch.no_grad()
+def predict_diagnoses(
+    classifier: nn.Module, loader: Iterable[Mapping[str, Any]], accelerator: Accelerator
+) -> dict[str, str]:
+    """Sample id -> predicted diagnosis over a sharded loader (gathered from every rank)."""
+    classifier.eval()
+    classes = accelerator.unwrap_model(classifier).classes
+    pairs: list[tuple[str, str]] = []
+    for batch in loader:
+        logits = classifier(batch["image"].to(accelerator.device))
+        pairs += [(str(i), classes[int(k)]) for i, k in zip(batch["image_id"], logits.argmax(1).cpu())]
+    if accelerator.num_processes > 1:
+        pairs = gather_object(pairs)
+    return dict(pairs)
+
+
+def diagnosis_accuracy(predicted: Mapping[str, str], truth: Mapping[str, str | None]) -> float | None:
+    """Fraction of samples with a known diagnosis whose prediction is right (``None``: none known)."""
+    known = [(predicted[k], d) for k, d in truth.items() if d and d != "unknown" and k in predicted]
+    return sum(p == d for p, d in known) / len(known) if known else None
+
+
+class Evaluator:
+    """Scores a model on any split under any text regime, sample-exactly across processes.
+
+    Args:
+        cfg: the experiment (data, eval settings).
+        model: the (prepared) segmentation network.
+        data: loaders (see :class:`~cmgnet.train.data.LoaderSource`).
+        accelerator: the run's accelerator.
+        classifier: the diagnosis classifier for the ``predicted`` regime, if any.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, data: LoaderSource, accelerator: Accelerator,
+                 classifier: nn.Module | None = None) -> None:
+        self.cfg, self.model, self.data, self.accelerator, self.classifier = cfg, model, data, accelerator, classifier
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.eval.batch_size or self.cfg.train.batch_size
+
+    def predicted_diagnoses(self, split: str) -> dict[str, str]:
+        """Diagnoses of a split's samples predicted from the images by the classifier."""
+        if self.classifier is None:
+            raise RuntimeError("text regime 'predicted' needs the diagnosis classifier: train with "
+                               "'predicted' in eval.text_regimes (train.diagnosis_classifier=true)")
+        loader = self.data.eval_loader(split, self.batch_size, "none")
+        return predict_diagnoses(self.classifier, loader, self.accelerator)
+
+    def evaluate(self, split: str, text_regime: str, *, with_hd95: bool, overlay_dir: Path | None = None,
+                 **info: Any) -> EvalResult:
+        """Metrics of the current weights on one split under one text regime.
+
+        Args:
+            split: split name.
+            text_regime: ``none``, ``metadata``, ``predicted`` or ``oracle``.
+            with_hd95: compute HD95.
+            overlay_dir: write ``eval.overlays`` overlay PNGs there (``None``: none).
+            info: extra facts for the JSON.
+
+        Returns:
+            The :class:`EvalResult` (identical on every process).
+        """
+        info = {"threshold": self.cfg.eval.threshold, "dataset": self.cfg.data.root, "format": self.cfg.data.format,
+                "protocol": self.cfg.data.protocol, "image_size": self.cfg.data.image_size, **info}
+        predicted = None
+        if text_regime == "predicted":
+            predicted = self.predicted_diagnoses(split)
+            info["diagnosis_accuracy"] = diagnosis_accuracy(predicted, self.data.diagnoses(split))
+            predicted = vote(predicted)
+        loader = self.data.eval_loader(split, self.batch_size, text_regime, predicted)
+        rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,
+                            with_hd95=with_hd95, overlay_dir=overlay_dir,
+                            n_overlays=self.cfg.eval.overlays if overlay_dir else 0,
+                            mean=self.cfg.data.mean, std=self.cfg.data.std)
+        return build_result(rows, split, text_regime, with_hd95, **info)
+
+    def run(self, splits: Sequence[str], text_regimes: Sequence[str], out_root: Path | None,
+            log: Any = print, **info: Any) -> list[EvalResult]:
+        """Evaluate every split x regime; write ``<out_root>/<split>-<regime>/`` and ``summary.json``.
+
+        A split the dataset does not have is skipped with a message; so is ``predicted``
+        without a classifier.
+
+        Returns:
+            The results, in order.
+        """
+        from cmgnet.data.errors import DataError
+
+        results: list[EvalResult] = []
+        main = self.accelerator.is_main_process
+        for split in splits:
+            for regime in text_regimes:
+                if regime == "predicted" and self.classifier is None:
+                    if main:
+                        log("skipping text regime 'predicted': no diagnosis classifier")
+                    continue
+                out = out_root / f"{split}-{regime}" if out_root is not None else None
+                try:
+                    result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95,
+                                           overlay_dir=out / "overlays" if out else None, **info)
+                except DataError as err:
+                    if main:
+                        log(f"skipping split {split!r}: {err}")
+                    break
+                results.append(result)
+                if main and out is not None:
+                    write_result(result, out)
+        if main and out_root is not None and results:
+            summary = {r.label: r.to_json() for r in results}
+            (out_root / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+        self.accelerator.wait_for_everyone()
+        return results

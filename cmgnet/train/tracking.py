@@ -1,0 +1,208 @@
+"""MLflow tracking that never stops a run.
+
+:class:`Tracker` wraps the MLflow fluent API for the main process: the default store is a
+SQLite file beside the runs (``sqlite:///<output_dir>/mlflow.db``) with the artifact root
+pinned to ``<output_dir>/mlartifacts``; any tracking URI works. Every call is guarded: the
+first failure (server unreachable, disk full, bad URI) prints one warning naming the URI and
+the error, and tracking is off for the rest of the run while training goes on. An HTTP(S)
+server is probed once with a short timeout first, so an unreachable one costs seconds, not
+MLflow's minutes of retries.
+
+Open the UI on the default store with::
+
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .config import LoggingConfig
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def default_tracking_uri(cfg: LoggingConfig) -> str:
+    """The configured tracking URI, or the SQLite file under ``output_dir``."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"
+
+
+def default_artifact_location(cfg: LoggingConfig) -> str:
+    """The configured artifact root, or ``<output_dir>/mlartifacts`` as a file URI."""
+    if cfg.artifact_location:
+        return cfg.artifact_location
+    return (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The shell command that opens the MLflow UI on a store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def git_info(cwd: str | Path | None = None) -> dict[str, str]:
+    """Commit hash and dirty flag of the checkout the code runs from (``unknown`` outside git)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def _probe_http(uri: str) -> None:
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException as err:
+        raise ConnectionError(f"tracking server not reachable: {err.__class__.__name__}") from err
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
+    """Run a tracking call only while tracking is on; the first failure turns it off."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> T | None:
+        if not self.active:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+            self.disable(f"{method.__name__}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            return None
+
+    return wrapper
+
+
+class Tracker:
+    """One MLflow run, driven from the main process; a no-op elsewhere or when disabled.
+
+    Args:
+        cfg: logging section (URI, experiment, artifact root, on/off).
+        enabled: ``False`` on non-main processes.
+    """
+
+    def __init__(self, cfg: LoggingConfig, enabled: bool = True) -> None:
+        self.cfg = cfg
+        self.uri = default_tracking_uri(cfg)
+        self.active = bool(enabled and cfg.mlflow)
+        self.run_id: str | None = None
+        self.reason: str | None = None
+
+    def disable(self, reason: str) -> None:
+        """Turn tracking off and say so once."""
+        if self.active:
+            self.active = False
+            self.reason = reason
+            print(f"[cmgnet] MLflow tracking at {self.uri} is unavailable ({reason}); "
+                  "training continues without tracking.", file=sys.stderr, flush=True)
+
+    @_guarded
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+              run_id: str | None = None) -> str:
+        """Open (or, with ``run_id``, reopen) the run and log params and tags.
+
+        Returns:
+            The MLflow run id (store it in checkpoints so a resumed run continues it).
+        """
+        if self.uri.startswith(("http://", "https://")):
+            _probe_http(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in training logs
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        experiment = mlflow.get_experiment_by_name(self.cfg.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else mlflow.create_experiment(self.cfg.experiment, artifact_location=default_artifact_location(self.cfg))
+        )
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                               run_name=None if run_id else run_name)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            # MLflow params are write-once strings of at most 6000 characters.
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.set_tags(dict(tags))
+        return self.run_id
+
+    @_guarded
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log finite numeric metrics at ``step`` (NaN/inf values are skipped)."""
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    @_guarded
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or a whole directory."""
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    @_guarded
+    def log_model(self, checkpoint_dir: str | Path, name: str = "model") -> str:
+        """Log a ``save_pretrained`` directory as an MLflow pyfunc model.
+
+        Returns:
+            The model URI (``runs:/<run_id>/<name>``... as MLflow reports it).
+        """
+        import mlflow
+        from mlflow.models import ModelSignature
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+        from cmgnet.text import NEUTRAL_SENTENCE
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "probability")]),
+            params=ParamSchema([ParamSpec("text", "string", [NEUTRAL_SENTENCE], (-1,))]),
+        )
+        with warnings.catch_warnings():
+            # No input example on purpose: it would load and run the model while logging.
+            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+                artifacts={"checkpoint": str(checkpoint_dir)},
+                signature=signature,
+                # Explicit requirements: inferring them would load the model in a subprocess.
+                pip_requirements=["cmgnet", "torch", "transformers", "safetensors", "numpy", "mlflow"],
+            )
+        return info.model_uri
+
+    @_guarded
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+        import mlflow
+
+        mlflow.end_run(status=status)

@@ -1,0 +1,213 @@
+"""Training engine: config tree, checkpoints (atomic, exact resume), a short run, evaluation CLI, ablation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmgnet.model import SegmentationModel
+from cmgnet.train import Trainer, load_config
+from cmgnet.train import checkpoint as ckpt
+from cmgnet.train.config import flatten, to_dict
+from cmgnet.train.testing import synthetic_dataset, tiny_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return synthetic_dataset(tmp_path_factory.getbasetemp() / "synthetic")
+
+
+@pytest.fixture(scope="module")
+def short_run(data_root, tmp_path_factory):
+    """One tiny training run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("short")
+    cfg = tiny_experiment(data_root, out, "train.epochs=4", "eval.text_regimes=[none, predicted, oracle]")
+    return Trainer(cfg).fit()
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_yaml_overrides_and_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\noptim: {name: sgd, lr: 0.01}\ntrain: {epochs: 3}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\ntrain: {batch_size: 2}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.lr=1e-3", "model.masa=false", "model.fusion_scales=[16, 8]",
+                                                "model.fusion_layers=[1, 1]", "eval.splits=val"])
+    assert (cfg.name, cfg.optim.name, cfg.optim.lr, cfg.train.epochs, cfg.train.batch_size) == ("child", "sgd", 1e-3, 3, 2)
+    assert cfg.model.masa is False and cfg.model.fusion_scales == (16, 8)
+    assert cfg.eval.splits == ["val"]  # a scalar for a list field becomes a one-element list
+    assert flatten(to_dict(cfg))["optim.lr"] == 1e-3
+
+
+@pytest.mark.parametrize("override, error", [
+    ("optim.lrr=1", KeyError), ("train.epochs=many", TypeError), ("model.masa=3", TypeError),
+    ("data.text_regime_eval=psychic", ValueError), ("novalue", ValueError),
+])
+def test_bad_overrides_are_errors(override, error):
+    with pytest.raises(error):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.data.image_size % cfg.model.stride == 0
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_state_roundtrip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ckpt.save_state(opt.state_dict(), tmp_path, "optimizer")
+    ckpt.save_state(ckpt.rng_state(), tmp_path, "rng")
+    loaded = ckpt.load_state(tmp_path, "optimizer")
+    assert loaded["param_groups"] == opt.state_dict()["param_groups"]
+    for key, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(loaded["state"][key][name], value)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    ckpt.set_rng_state(ckpt.load_state(tmp_path, "rng"))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert (random.random(), np.random.rand()) == expected[1:]
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
+
+
+def test_crash_during_checkpoint_write_keeps_previous(data_root, tmp_path, monkeypatch):
+    cfg = tiny_experiment(data_root, tmp_path, "train.epochs=1", "train.checkpoint_every_steps=1")
+    real_save_state = ckpt.save_state
+    calls = {"n": 0}
+
+    def dying_save_state(state, directory, name):
+        calls["n"] += name == "optimizer"
+        if name == "optimizer" and calls["n"] == 2:  # second checkpoint: die after the weights are written
+            (directory / "optimizer.safetensors").write_bytes(b"partial")
+            raise OSError("simulated crash mid-write")
+        real_save_state(state, directory, name)
+
+    monkeypatch.setattr(ckpt, "save_state", dying_save_state)
+    with pytest.raises(OSError, match="simulated crash"):
+        Trainer(cfg).fit()
+    monkeypatch.setattr(ckpt, "save_state", real_save_state)
+
+    root = tmp_path / "tiny" / "checkpoints"
+    latest = ckpt.CheckpointManager(root).latest()
+    assert latest is not None and latest.name == "step-00000001"
+    assert list(root.glob(".tmp-*")), "the interrupted write stays in its temporary directory"
+    ckpt.load_state(latest, "optimizer")  # the previous checkpoint is intact and loadable
+    SegmentationModel.from_pretrained(latest / "model")
+    resumed = Trainer(cfg).fit()  # resume="auto" continues from step 1 and cleans up
+    assert resumed.state.global_step == 4 and not list(root.glob(".tmp-*"))
+
+
+def _last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.CheckpointManager(run_dir / "checkpoints").latest() / "model" / "model.safetensors"))
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAt(Trainer):
+    """Dies right after the checkpoint of a given step (as a SIGKILL after the save would)."""
+
+    kill_step = 5
+
+    def on_step_end(self, loss):
+        super().on_step_end(loss)
+        if self.state.global_step == self.kill_step:
+            raise _Killed
+
+
+def test_kill_and_resume_equals_uninterrupted(data_root, tmp_path):
+    common = ["train.epochs=2", "train.checkpoint_every_steps=1", "train.deterministic=true",
+              "model.modality_dropout=0.5", "eval.text_regimes=[none, predicted]", "eval.splits=[]"]
+    full = Trainer(tiny_experiment(data_root, tmp_path / "a", *common)).fit()
+    interrupted_cfg = tiny_experiment(data_root, tmp_path / "b", *common)
+    with pytest.raises(_Killed):
+        _KilledAt(interrupted_cfg).fit()  # killed mid-epoch 2 (4 steps per epoch)
+    torch.manual_seed(1234)  # a fresh process would have other RNG state
+    resumed = Trainer(interrupted_cfg).fit()
+    assert resumed.state.global_step == full.state.global_step == 8
+    a, b = _last_weights(full.run_dir), _last_weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not mismatched, f"resumed weights differ: {mismatched[:5]}"
+    assert resumed.state.best_metric == pytest.approx(full.state.best_metric)
+
+
+def test_time_limit_stops_with_checkpoint_validation_and_evaluation(data_root, tmp_path):
+    start = time.perf_counter()
+    timed = Trainer(tiny_experiment(data_root, tmp_path / "t", "train.epochs=50", "train.time_limit_minutes=1e-5")).fit()
+    assert timed.state.global_step == 1 and timed.best_dir is not None and timed.results
+    assert ckpt.CheckpointManager(timed.run_dir / "checkpoints").latest().name == "step-00000001"
+    # Wall time is accounted once across checkpoints (it bounds the time limit).
+    full = Trainer(tiny_experiment(data_root, tmp_path / "f", "train.epochs=1", "train.checkpoint_every_steps=1")).fit()
+    assert 0 < full.state.elapsed_s <= time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- a short run
+
+
+def test_short_run_lowers_loss_and_writes_loadable_best(short_run):
+    losses = [h["train_loss"] for h in short_run.state.history]
+    assert losses[-1] < losses[0], losses
+    model = SegmentationModel.from_pretrained(short_run.best_dir).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 32, 32), text=["Skin lesion."])
+    assert out.shape == (1, 1, 32, 32)
+    assert (short_run.best_dir / "diagnosis" / "classifier.safetensors").exists()
+    best = json.loads((short_run.best_dir / "metrics.json").read_text())
+    assert best["convention"] == "per_image_mean" and best["text_regime"] == "none"
+
+
+def test_final_evaluation_outputs(short_run):
+    assert [r.label for r in short_run.results] == ["test/none", "test/predicted", "test/oracle"]
+    out = short_run.run_dir / "eval" / "test-oracle"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 5 and metrics["text_regime"] == "oracle"
+    assert set(metrics["conventions"]) == {"per_image_mean", "pooled"} and "empty_masks" in metrics
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {"dice", "hd95", "tp", "text_regime"} <= set(rows[0])
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    predicted = json.loads((short_run.run_dir / "eval" / "test-predicted" / "metrics.json").read_text())
+    assert 0.0 <= predicted["diagnosis_accuracy"] <= 1.0
+
+
+def test_evaluate_cli_any_split_and_regime(short_run, tmp_path, capsys):
+    from cmgnet.train.cli import evaluate_main
+
+    out = tmp_path / "eval"
+    evaluate_main(["--checkpoint", str(short_run.best_dir), "--split", "val", "test",
+                   "--text-regime", "metadata", "predicted", "--output", str(out), "--no-hd95"])
+    printed = capsys.readouterr().out
+    assert "per_image_mean" in printed and "pooled" in printed and "val/metadata" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"val/metadata", "val/predicted", "test/metadata", "test/predicted"}
+    assert summary["val/metadata"]["n_images"] == 6
+
+
+def test_ablation_prints_paper_table(data_root, tmp_path, capsys):
+    from cmgnet.train.ablate import run_ablation
+
+    cfg = tiny_experiment(data_root, tmp_path, "train.epochs=1", "eval.hd95=false", "eval.overlays=0")
+    report = run_ablation(cfg, ["unet", "full"])
+    table = capsys.readouterr().out
+    assert "| Network" in table and "Baseline (U-Net)" in table and "CMG-Net" in table
+    assert [r["variant"] for r in report["rows"]] == ["unet", "full"]
+    assert json.loads(report["json"].read_text())["text_regime"] == "none"
