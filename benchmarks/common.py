@@ -25,6 +25,17 @@ def hardware() -> dict:
     return info
 
 
+def cost_variants() -> dict[str, dict]:
+    """Paper-table label -> CMGNetConfig switches for the ablation rows whose cost differs.
+
+    (w/o text and w/o alpha cost what their neighbours do, so speed tables leave them out.)
+    """
+    from cmgnet.train.ablate import VARIANTS
+
+    keep = ("full", "no_masa", "no_cmfm", "unet")
+    return {label: {k: v for k, v in switches.items() if k != "arch"} for key, (label, switches) in VARIANTS.items() if key in keep}
+
+
 def time_fn(fn: Callable[[], object], warmup: int, iters: int, cuda: bool = False) -> list[float]:
     """Wall-clock seconds of ``iters`` calls after ``warmup`` calls (CUDA-synchronised)."""
     for _ in range(warmup):

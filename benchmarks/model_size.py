@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, print_table, time_fn, write_json  # noqa: E402
+from common import cost_variants, hardware, print_table, time_fn, write_json  # noqa: E402
 
 from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
 
-VARIANTS = {
-    "CMG-Net": {},
-    "w/o MASA": {"masa": False},
-    "w/o CMFM": {"cmfm": False},
-    "U-Net": {"masa": False, "text": False, "cmfm": False, "alpha": False},
-}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     sentences = ["Asymmetric lesion with irregular borders and multiple colors."] * args.batch
     rows = []
     for width in args.widths:
-        for name, flags in VARIANTS.items():
+        for name, flags in cost_variants().items():
             heads = max(1, min(8, width // 8))
             cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(64, 4 * width),
                                text_model=args.text_model, **flags)

@@ -17,19 +17,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, print_table, time_fn, write_json  # noqa: E402
+from common import cost_variants, hardware, print_table, time_fn, write_json  # noqa: E402
 
 from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
 from cmgnet.train.config import LossConfig, OptimConfig  # noqa: E402
 from cmgnet.train.losses import build_loss  # noqa: E402
 from cmgnet.train.optim import build_optimizer  # noqa: E402
 
-VARIANTS = {
-    "CMG-Net": {},
-    "w/o MASA": {"masa": False},
-    "w/o CMFM": {"cmfm": False},
-    "U-Net": {"masa": False, "text": False, "cmfm": False, "alpha": False},
-}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_fn = build_loss(LossConfig())
     rows = []
     for width in args.widths:
-        for name, flags in VARIANTS.items():
+        for name, flags in cost_variants().items():
             heads = max(1, min(8, width // 8))
             cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(32, 4 * width),
                                text_model=args.text_model, **flags)

@@ -43,18 +43,24 @@ def _config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _print_config(cfg) -> int:
+    import yaml
+
+    from .config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``cmgnet train --config configs/<name>.yaml [key=value ...]``."""
     parser = _config_parser("Train CMG-Net (or a baseline) from a YAML config.")
     args = parser.parse_args(argv)
-    from .config import load_config, to_dict
+    from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
+        return _print_config(cfg)
     setup_logging()
     from .engine import Trainer
 
@@ -113,12 +119,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
     if args.print_config:
-        import yaml
-
-        from .config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
+        return _print_config(cfg)
     setup_logging()
     try:
         run_evaluation(cfg, weights, args.split or cfg.eval.splits, args.text_regime or cfg.eval.text_regimes,
@@ -200,12 +201,7 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        import yaml
-
-        from .config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
+        return _print_config(cfg)
     setup_logging()
     try:
         run_ablation(cfg, args.variants, args.split, args.text_regime)
