@@ -1,0 +1,29 @@
+"""Deployment: ONNX export, TensorRT / torch-tensorrt engines, one runtime, prediction CLI.
+
+    from cmgnet.deploy import Segmenter, export_bundle
+
+    export_bundle(model, "exported/")                       # model.onnx + deploy.json + text cache
+    segmenter = Segmenter.load("exported/")                 # TensorRT engine if built, else ONNX Runtime
+    [prediction] = segmenter.predict(["lesion.jpg"], "Skin lesion.")
+
+Command lines: ``cmgnet export`` (:mod:`cmgnet.deploy.export`) and ``cmgnet predict``
+(:mod:`cmgnet.deploy.predict`). TensorRT and torch-tensorrt are imported only when used.
+"""
+
+from .errors import BackendUnavailableError, DeployError, EngineMismatchError
+from .export import export_bundle, export_onnx, verify_onnx
+from .runtime import Prediction, Segmenter
+from .spec import DeploySpec, TextSpec
+
+__all__ = [
+    "BackendUnavailableError",
+    "DeployError",
+    "DeploySpec",
+    "EngineMismatchError",
+    "Prediction",
+    "Segmenter",
+    "TextSpec",
+    "export_bundle",
+    "export_onnx",
+    "verify_onnx",
+]

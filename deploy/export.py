@@ -1,0 +1,463 @@
+"""Checkpoint -> deployment bundle: ONNX (checked), text features, optional int8, TensorRT, MLflow.
+
+    cmgnet export CHECKPOINT --out DIR [--image-size 256] [--max-batch 32]
+                  [--tensorrt auto|require|skip] [--precision fp16] [--torch-tensorrt]
+                  [--int8-calibration IMAGES...] [--mlflow-run-id RUN]
+
+The ONNX graph is the segmentation network alone, with inputs ``image`` (``B x 3 x H x W``,
+normalised), ``text_features`` (``B x L x D_t``: the frozen text encoder's last hidden states,
+``L`` = the config's ``text_max_length``) and ``text_mask`` (``B x L`` bool, True for real
+tokens), output ``logits`` (``B x 1 x H x W``). Batch and image sides are dynamic (sides
+multiples of 16). It is exported with PyTorch's ``torch.export``-based exporter at opset 18 (the
+lowest that exporter emits; TensorRT >= 10 parses it), with attention through plain
+``scaled_dot_product_attention``, then checked with the ONNX checker and against PyTorch with
+ONNX Runtime at several batch sizes.
+
+The text encoder is not part of the graph: its features for the neutral sentence and every
+diagnosis template are precomputed into the bundle's ``text_cache/``; any other sentence is
+encoded once at run time by the same (frozen) encoder and cached. See :mod:`cmgnet.deploy.spec`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from cmgnet import kernels
+from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+from cmgnet.data.imageio import IMAGE_EXTENSIONS
+from cmgnet.model import SegmentationModel
+from cmgnet.text import NEUTRAL_SENTENCE, TextFeatureCache
+from cmgnet.text.pseudo_text import TEMPLATES
+
+from .errors import BackendUnavailableError, DeployError
+from .runtime import Segmenter, load_image, onnxruntime_session, preprocess
+from .spec import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_THRESHOLD,
+    ENGINE_NAME,
+    IMAGE_INPUT,
+    INT8_ONNX_NAME,
+    ONNX_NAME,
+    OUTPUT_NAME,
+    SPEC_NAME,
+    TEXT_CACHE_DIR,
+    TEXT_INPUTS,
+    TEXT_WEIGHTS_NAME,
+    TORCH_TRT_NAME,
+    DeploySpec,
+    spec_for_model,
+)
+
+DEFAULT_OPSET = 18
+STANDARD_SENTENCES = tuple(dict.fromkeys([NEUTRAL_SENTENCE, *TEMPLATES.values()]))
+"""Sentences whose features every bundle carries: the neutral one and each diagnosis template."""
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def network_inputs(
+    segmenter: Segmenter, images: Sequence[np.ndarray], sentences: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """The network's named inputs for images and sentences, exactly as the runtime builds them."""
+    features, mask = segmenter.text_inputs(sentences)
+    given = {IMAGE_INPUT: preprocess(images, segmenter.spec), TEXT_INPUTS[0]: features, TEXT_INPUTS[1]: mask}
+    return {name: given[name] for name in segmenter.spec.input_names}
+
+
+def _random_images(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def export_onnx(model: SegmentationModel, spec: DeploySpec, path: str | Path, *, dynamic_size: bool = True,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export the network (image + text features + mask -> logits) to ONNX.
+
+    Args:
+        model: the network (CPU; put in eval mode).
+        spec: its spec (image size, text length; embedded in the ONNX metadata too).
+        path: output ``.onnx`` file (weights inline up to ONNX's 2 GB limit, external beyond).
+        dynamic_size: dynamic image height/width (multiples of the stride) besides the
+            dynamic batch; ``False`` fixes them to ``spec.image_size`` (a faster export).
+        opset: ONNX opset (18 or newer: the ``torch.export`` exporter's range).
+
+    Returns:
+        ``path``.
+    """
+    model = model.eval().cpu()
+    segmenter = Segmenter.from_model(model, image_size=spec.image_size)
+    example = network_inputs(segmenter, _random_images(2, spec.image_size, 0), [NEUTRAL_SENTENCE] * 2)
+    dims = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    dynamic = {name: (dims if name == IMAGE_INPUT else {0: "batch"}) for name in example}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # per-op registration chatter, not problems
+    # SDPA exports to plain MatMul/Softmax that ONNX Runtime and TensorRT fuse; Triton kernels would not export.
+    with torch.no_grad(), kernels.use_backend("sdpa"), warnings.catch_warnings():
+        # Exporter-internal notices: the three inputs share one "batch" axis on purpose.
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)", category=FutureWarning)
+        program = torch.onnx.export(
+            model, tuple(example.values()), dynamo=True, opset_version=opset, input_names=list(example),
+            output_names=[OUTPUT_NAME], dynamic_shapes=dynamic, optimize=True, verbose=False,
+        )
+    program.model.metadata_props["cmgnet.deploy_spec"] = json.dumps(spec.to_json())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime vs PyTorch on the same inputs at one batch size.
+
+    Attributes:
+        batch: batch size.
+        max_abs_diff: largest logit difference.
+        mask_flips: pixels whose mask differs while PyTorch's logit is clearly away from the
+            threshold (|logit| above the tolerance); 0 means the same mask.
+        tolerance: the allowed difference, ``atol * max(1, max |logit|)``.
+    """
+
+    batch: int
+    max_abs_diff: float
+    mask_flips: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.mask_flips == 0
+
+
+def verify_onnx(
+    path: str | Path,
+    model: SegmentationModel,
+    spec: DeploySpec,
+    batch_sizes: Sequence[int] = (1, 2, 4),
+    atol: float = 1e-3,
+    seed: int = 0,
+) -> list[Parity]:
+    """Check an exported file: ONNX checker, then ONNX Runtime vs PyTorch at each batch size.
+
+    Inputs are random images at the spec's size with the standard sentences (real text
+    features with padding), so the text path and its mask are exercised.
+
+    Returns:
+        One :class:`Parity` per batch size.
+
+    Raises:
+        DeployError: the checker rejects the model, logits differ by more than ``atol``
+            relative to the logits' scale (absolute below 1), or a mask differs.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise DeployError(f"{path}: ONNX checker: {err}") from err
+    session = onnxruntime_session(path)
+    segmenter = Segmenter.from_model(model.eval().cpu(), image_size=spec.image_size)
+    results = []
+    for batch in batch_sizes:
+        sentences = [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)] for i in range(batch)]
+        inputs = network_inputs(segmenter, _random_images(batch, spec.image_size, seed + batch), sentences)
+        with torch.no_grad():
+            expected = model(*inputs.values()).numpy()
+        got = session.run([OUTPUT_NAME], {k: v.numpy() for k, v in inputs.items()})[0]
+        # fp32 rounding differences grow with the logits' magnitude; a flip counts only away from the threshold.
+        tolerance = atol * max(1.0, float(np.abs(expected).max()))
+        flips = ((expected > 0) != (got > 0)) & (np.abs(expected) > tolerance)
+        results.append(Parity(batch, float(np.abs(expected - got).max()), int(flips.sum()), tolerance))
+    if bad := [r for r in results if not r.ok]:
+        raise DeployError(f"{path}: ONNX Runtime disagrees with PyTorch: {bad}")
+    return results
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+def write_text_assets(
+    model: SegmentationModel, spec: DeploySpec, bundle: Path, sentences: Sequence[str] = ()
+) -> DeploySpec:
+    """Precompute text features into ``bundle/text_cache`` (and save fine-tuned encoder weights).
+
+    Args:
+        model: the network (its text encoder is used, fine-tuned or not).
+        spec: the spec to complete.
+        bundle: the bundle folder.
+        sentences: sentences to cache besides :data:`STANDARD_SENTENCES`.
+
+    Returns:
+        ``spec`` with its text ``cache`` (and ``weights``) entries set; unchanged for image-only models.
+    """
+    if spec.text is None:
+        return spec
+    encoder = model.text_branch.encoder
+    weights = None
+    if not encoder.freeze:
+        # A fine-tuned encoder is not the published model the id names: ship its weights.
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
+        save_file(state, str(bundle / TEXT_WEIGHTS_NAME))
+        weights = TEXT_WEIGHTS_NAME
+    cache = TextFeatureCache(bundle / TEXT_CACHE_DIR)
+    wanted = list(dict.fromkeys([*STANDARD_SENTENCES, *sentences]))
+    with torch.no_grad():
+        features, mask = encoder.encode_live(wanted)
+    for sentence, f, m in zip(wanted, features, mask):
+        cache.put(encoder.model_id, sentence, f[m])
+    cache.save()
+    return replace(spec, text=replace(spec.text, weights=weights, cache=TEXT_CACHE_DIR))
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_bundle` wrote."""
+
+    bundle: Path
+    spec: DeploySpec
+    onnx: Path
+    parity: list[Parity]
+
+
+def export_bundle(
+    model: SegmentationModel,
+    out_dir: str | Path,
+    *,
+    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    threshold: float = DEFAULT_THRESHOLD,
+    opset: int = DEFAULT_OPSET,
+    dynamic_size: bool = True,
+    verify_batches: Sequence[int] = (1, 2, 4),
+    sentences: Sequence[str] = (),
+) -> ExportResult:
+    """Write a bundle: ``deploy.json``, ``model.onnx`` (verified) and the text assets.
+
+    Args:
+        model: the network.
+        out_dir: bundle folder (created; existing files are replaced).
+        image_size, mean, std, threshold: pre/post-processing (see :class:`DeploySpec`).
+        opset, dynamic_size: see :func:`export_onnx`.
+        verify_batches: batch sizes of the parity check (empty: skip it).
+        sentences: extra sentences to precompute.
+
+    Returns:
+        The paths, spec and parity results.
+    """
+    bundle = Path(out_dir)
+    bundle.mkdir(parents=True, exist_ok=True)
+    # A spec left from an earlier export must not vouch for a model.onnx that then fails its check.
+    (bundle / SPEC_NAME).unlink(missing_ok=True)
+    spec = replace(spec_for_model(model, image_size, mean, std, threshold), opset=opset)
+    spec = write_text_assets(model, spec, bundle, sentences)
+    onnx_path = export_onnx(model, spec, bundle / ONNX_NAME, dynamic_size=dynamic_size, opset=opset)
+    parity = verify_onnx(onnx_path, model, spec, verify_batches) if verify_batches else []
+    spec.save(bundle / SPEC_NAME)
+    return ExportResult(bundle, spec, onnx_path, parity)
+
+
+def calibration_inputs(
+    model: SegmentationModel, spec: DeploySpec, images: Sequence[Path]
+) -> list[dict[str, np.ndarray]]:
+    """Batch-1 network inputs for int8 calibration: each image with a standard sentence in turn."""
+    segmenter = Segmenter.from_model(model, image_size=spec.image_size)
+    feeds = []
+    for i, path in enumerate(images):
+        inputs = network_inputs(segmenter, [load_image(path)], [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)]])
+        feeds.append({k: v.numpy() for k, v in inputs.items()})
+    return feeds
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files named directly or found (non-recursively) in the given folders, sorted per folder."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def log_to_mlflow(directory: Path, run_id: str, tracking_uri: str | None = None, artifact_path: str = "deploy") -> bool:
+    """Log a bundle's files as artifacts of an existing MLflow run; never raises.
+
+    Args:
+        directory: the bundle.
+        run_id: the checkpoint's training run.
+        tracking_uri: its tracking store (default: ``MLFLOW_TRACKING_URI`` / MLflow's default).
+        artifact_path: folder inside the run's artifacts.
+
+    Returns:
+        True when logged; False (with a warning on stderr) when MLflow is missing or fails.
+    """
+    try:
+        import mlflow
+    except ImportError:
+        print("warning: mlflow is not installed (pip install 'cmgnet[train]'); bundle not logged to MLflow",
+              file=sys.stderr)
+        return False
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        client.log_artifacts(run_id, str(directory), artifact_path=artifact_path)
+        client.set_tag(run_id, "cmgnet.deploy_bundle", artifact_path)
+    except Exception as err:  # noqa: BLE001 - logging is optional: any MLflow failure is reported, not fatal
+        uri = tracking_uri or mlflow.get_tracking_uri()
+        print(f"warning: could not log the bundle to MLflow run {run_id} at {uri}: {err.__class__.__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmgnet export", description="Export a checkpoint to ONNX (+ int8, TensorRT, torch-tensorrt).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, help="bundle directory to write")
+    pre = parser.add_argument_group("pre/post-processing (must match training)")
+    pre.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="network input side")
+    pre.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (0..1 scale)")
+    pre.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (0..1 scale)")
+    pre.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="mask probability threshold")
+    onnx_args = parser.add_argument_group("ONNX")
+    onnx_args.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
+    onnx_args.add_argument("--static-size", action="store_true", help="fix H/W to --image-size (only batch dynamic)")
+    onnx_args.add_argument("--verify-batches", type=int, nargs="*", default=[1, 2, 4],
+                           help="batch sizes of the ONNX Runtime vs PyTorch check (none: skip)")
+    onnx_args.add_argument("--sentences", help="text file, one sentence per line, to precompute besides the templates")
+    onnx_args.add_argument("--int8-calibration", nargs="+", metavar="IMAGES",
+                           help="image files/folders: also write model.int8.onnx calibrated on them (CPU serving)")
+    onnx_args.add_argument("--calibration-count", type=int, default=32, help="images used for int8 calibration")
+    trt = parser.add_argument_group("TensorRT (GPU machine with TensorRT >= 10)")
+    trt.add_argument("--tensorrt", choices=["auto", "require", "skip"], default="auto",
+                     help="build model.engine: when available / or fail / never")
+    trt.add_argument("--precision", choices=["fp16", "bf16", "fp32", "typed"], default="fp16",
+                     help="engine precision (typed: as the ONNX is typed, for TensorRT 11+)")
+    trt.add_argument("--max-batch", type=int, default=32, help="optimisation profile: batch 1..max")
+    trt.add_argument("--opt-batch", type=int, default=None, help="batch to tune for (default: min(8, max-batch))")
+    trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit")
+    trt.add_argument("--timing-cache", help="timing cache file (default ~/.cache/cmgnet/tensorrt-<ver>-sm<cc>...)")
+    trt.add_argument("--torch-tensorrt", action="store_true", help="also compile model_trt.ep with torch-tensorrt")
+    ml = parser.add_argument_group("MLflow")
+    ml.add_argument("--mlflow-run-id",
+                    help="log the bundle as artifacts of this run (skipped with a warning if MLflow is absent)")
+    ml.add_argument("--mlflow-tracking-uri", help="the run's tracking store, e.g. sqlite:///runs/mlflow.db")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cmgnet export``; returns the exit code (0 ok, 1 a step failed)."""
+    args = _parser().parse_args(argv)
+    try:
+        model = SegmentationModel.from_pretrained(args.checkpoint).eval()
+    except (ValueError, KeyError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    extra = [s.strip() for s in Path(args.sentences).read_text().splitlines() if s.strip()] if args.sentences else []
+    try:
+        result = export_bundle(
+            model, args.out, image_size=args.image_size, mean=tuple(args.mean), std=tuple(args.std),
+            threshold=args.threshold, opset=args.opset, dynamic_size=not args.static_size,
+            verify_batches=args.verify_batches, sentences=extra,
+        )
+    except DeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    bundle, spec = result.bundle, result.spec
+    print(f"wrote {result.onnx} (opset {spec.opset}, inputs {', '.join(spec.input_names)})")
+    for p in result.parity:
+        print(f"  ONNX Runtime vs PyTorch, batch {p.batch}: max |logit diff| {p.max_abs_diff:.2e}, "
+              f"mask flips {p.mask_flips}")
+
+    failed = False
+    if args.int8_calibration:
+        failed |= not _export_int8(model, spec, bundle, image_files(args.int8_calibration)[: args.calibration_count])
+    if args.tensorrt != "skip":
+        failed |= not _build_tensorrt(args, bundle)
+    if args.torch_tensorrt:
+        failed |= not _compile_torch_tensorrt(args, model, spec, bundle)
+    if args.mlflow_run_id:
+        if log_to_mlflow(bundle, args.mlflow_run_id, args.mlflow_tracking_uri):
+            print(f"logged {bundle} to MLflow run {args.mlflow_run_id} (artifacts/deploy)")
+    return 1 if failed else 0
+
+
+def _export_int8(model: SegmentationModel, spec: DeploySpec, bundle: Path, images: list[Path]) -> bool:
+    from .quantize import mask_agreement, quantize_onnx
+
+    try:
+        feeds = calibration_inputs(model, spec, images)
+        quantize_onnx(bundle / ONNX_NAME, bundle / INT8_ONNX_NAME, feeds)
+        agreement = mask_agreement(bundle / ONNX_NAME, bundle / INT8_ONNX_NAME, feeds, spec.threshold)
+    except (DeployError, ValueError, OSError) as err:
+        print(f"error: int8 export failed: {err}", file=sys.stderr)
+        return False
+    (bundle / "model.int8.agreement.json").write_text(json.dumps(asdict(agreement), indent=2) + "\n")
+    print(f"wrote {bundle / INT8_ONNX_NAME}: vs fp32 on {agreement.images} calibration images, mean Dice "
+          f"{agreement.mean_dice:.4f} (min {agreement.min_dice:.4f}), "
+          f"max |prob diff| {agreement.max_probability_diff:.3f}")
+    return True
+
+
+def _build_tensorrt(args: argparse.Namespace, bundle: Path) -> bool:
+    from .trt_engine import build_engine
+
+    try:
+        meta = build_engine(
+            bundle / ONNX_NAME, bundle / ENGINE_NAME, precision=args.precision, max_batch=args.max_batch,
+            opt_batch=args.opt_batch, workspace_gib=args.workspace_gib, timing_cache=args.timing_cache,
+        )
+    except BackendUnavailableError as err:
+        if args.tensorrt == "auto":
+            print(f"note: no TensorRT engine built ({str(err).split('. ')[0]}); model.onnx serves with ONNX Runtime")
+            return True
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    except DeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    print(f"wrote {bundle / ENGINE_NAME} ({meta.precision}, batch 1..{meta.max_batch}, "
+          f"TensorRT {meta.tensorrt_version}, "
+          f"{meta.gpu_name})")
+    return True
+
+
+def _compile_torch_tensorrt(args: argparse.Namespace, model: SegmentationModel, spec: DeploySpec, bundle: Path) -> bool:
+    from .torch_trt import PRECISIONS, compile_torch_tensorrt
+
+    if args.precision not in PRECISIONS:
+        print(f"error: torch-tensorrt compiles {' or '.join(PRECISIONS)}, not --precision {args.precision}",
+              file=sys.stderr)
+        return False
+    try:
+        meta = compile_torch_tensorrt(model, spec, bundle / TORCH_TRT_NAME, precision=args.precision,
+                                      max_batch=args.max_batch, opt_batch=args.opt_batch)
+    except DeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    print(f"wrote {bundle / TORCH_TRT_NAME} ({meta.precision}, batch 1..{meta.max_batch})")
+    return True

@@ -1,0 +1,215 @@
+"""``cmgnet predict``: images -> lesion masks, overlays and a statistics CSV.
+
+    cmgnet predict MODEL INPUT... --out DIR [--metadata CSV | --text SENTENCE]
+                   [--text-regime metadata] [--backend auto] [--device auto] [--batch-size 8]
+
+``MODEL`` is anything :meth:`cmgnet.deploy.Segmenter.load` opens (a checkpoint directory, an
+exported bundle, a ``.onnx``/``.engine``/``.ep`` file). Each ``INPUT`` is an image file, a
+folder of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``; not recursive) or a ``.txt`` file
+listing image paths, one per line (relative to the list's folder). Writes, per image id (the
+file stem):
+
+* ``DIR/masks/<id>.png``: the binary mask at the image's original size (0 / 255);
+* ``DIR/overlays/<id>.png``: the image with the lesion tinted and its outline drawn;
+* one row of ``DIR/predictions.csv``: size, lesion area (pixels and fraction), connected
+  components, bounding box, centroid, mean probability inside the mask, the sentence used,
+  and ``status``/``error``.
+
+Text per image: ``--text`` for all of them, else the image's row of ``--metadata`` (any CSV
+the dataset readers accept: ``image_id`` plus ``diagnosis, age, sex, site, description``)
+made into a sentence under ``--text-regime`` (``metadata``: age/sex/site only, the default;
+``oracle``: also the diagnosis column; ``none``: the neutral sentence), else the neutral
+sentence. An unreadable image is reported and skipped and the rest are processed; the exit
+code is 1 if any image failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from cmgnet.data.errors import DataError
+from cmgnet.data.imageio import IMAGE_EXTENSIONS
+from cmgnet.data.metadata import read_metadata
+
+from .errors import DeployError
+from .runtime import BACKENDS, SEGMENTER_TEXT_REGIMES, Prediction, Segmenter, load_image
+
+CSV_COLUMNS = (
+    "image_id", "image_path", "status", "error", "height", "width", "lesion_pixels", "lesion_fraction",
+    "components", "largest_component_pixels", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+    "centroid_x", "centroid_y", "mean_probability", "sentence", "mask_path", "overlay_path",
+)
+LESION_COLOR = np.array([255, 40, 40], dtype=np.float32)
+OUTLINE_COLOR = np.array([255, 255, 0], dtype=np.uint8)
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files, folders and ``.txt`` path lists into image paths (input order, folders sorted).
+
+    Raises:
+        DeployError: an input does not exist, or a folder holds no image.
+    """
+    images: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise DeployError(f"{item}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            images += found
+        elif item.suffix.lower() == ".txt" and item.is_file():
+            lines = [line.strip() for line in item.read_text().splitlines()]
+            images += [(item.parent / line) for line in lines if line and not line.startswith("#")]
+        elif item.exists():
+            images.append(item)
+        else:
+            raise DeployError(f"{item}: no such file or folder")
+    return images
+
+
+def lesion_statistics(mask: np.ndarray, probability: np.ndarray) -> dict[str, Any]:
+    """Area, connected components (8-connected), bounding box, centroid and mean probability of a mask."""
+    height, width = mask.shape
+    pixels = int(mask.sum())
+    stats: dict[str, Any] = {"height": height, "width": width, "lesion_pixels": pixels,
+                             "lesion_fraction": round(pixels / mask.size, 6)}
+    if pixels == 0:
+        return stats | {"components": 0, "largest_component_pixels": 0}
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    ys, xs = np.nonzero(mask)
+    return stats | {
+        "components": int(count),
+        "largest_component_pixels": int(np.bincount(labels.ravel())[1:].max()),
+        "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()), "bbox_x1": int(xs.max()), "bbox_y1": int(ys.max()),
+        "centroid_x": round(float(xs.mean()), 2), "centroid_y": round(float(ys.mean()), 2),
+        "mean_probability": round(float(probability[mask].mean()), 4),
+    }
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """The image with the lesion tinted red and its outline drawn in yellow."""
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * LESION_COLOR
+    out = out.round().astype(np.uint8)
+    # Outline width grows with the image so it stays visible on large dermoscopy photos.
+    width = max(1, round(max(mask.shape) / 400))
+    outline = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    out[outline] = OUTLINE_COLOR
+    return out
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmgnet predict", description="Segment images: mask PNGs, overlays and a statistics CSV.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint dir, exported bundle dir, or .onnx/.engine/.ep file")
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .txt lists of paths")
+    parser.add_argument("--out", required=True, help="output folder")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text", help="one sentence for every image")
+    text.add_argument("--metadata", nargs="+",
+                      help="metadata CSV(s) with image_id + diagnosis/age/sex/site/description")
+    parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default="metadata",
+                        help="what metadata may contribute to the sentence (oracle = also the diagnosis)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network call")
+    parser.add_argument("--threshold", type=float, default=None, help="override the model's mask threshold (0.5)")
+    parser.add_argument("--image-size", type=int, default=256, help="network input size for a PyTorch checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--no-overlays", action="store_true", help="write masks and CSV only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cmgnet predict``; returns 0 when every image was segmented, 1 otherwise."""
+    args = _parser().parse_args(argv)
+    try:
+        images = collect_images(args.inputs)
+        table = read_metadata(args.metadata) if args.metadata else {}
+        segmenter = Segmenter.load(
+            args.model, backend=args.backend, device=args.device, num_threads=args.threads,
+            image_size=args.image_size, batch_size=args.batch_size, threshold=args.threshold,
+            text_regime=args.text_regime,
+        )
+    except (DeployError, DataError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    out = Path(args.out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    if not args.no_overlays:
+        (out / "overlays").mkdir(exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    failed = 0
+    progress = tqdm(total=len(images), unit="img", desc=f"predict ({segmenter.backend})", disable=args.no_progress,
+                    file=sys.stderr)
+
+    def fail(path: Path, error: str) -> None:
+        nonlocal failed
+        failed += 1
+        progress.write(f"error: {path}: {error}", file=sys.stderr)
+        rows.append({"image_id": path.stem, "image_path": str(path), "status": "error", "error": error})
+
+    for chunk in _batches(images, segmenter.batch_size):
+        loaded: list[tuple[Path, np.ndarray]] = []
+        for path in chunk:
+            if path.stem in seen:
+                fail(path, f"duplicate image id {path.stem!r} (also {seen[path.stem]}): output names would collide")
+                continue
+            seen[path.stem] = path
+            try:
+                loaded.append((path, load_image(path)))
+            except (DataError, OSError) as err:
+                fail(path, str(err).removeprefix(f"{path}: "))
+        if loaded:
+            records = [table[p.stem][0] if p.stem in table else None for p, _ in loaded]
+            texts = args.text if args.text is not None else records
+            try:
+                predictions = segmenter.predict([array for _, array in loaded], texts)
+            except (DeployError, RuntimeError, ValueError) as err:  # a backend failure costs this batch, not the run
+                for path, _ in loaded:
+                    fail(path, f"inference failed: {err}")
+                predictions = []
+            for (path, array), prediction in zip(loaded, predictions):
+                rows.append(_write_outputs(out, path, array, prediction, not args.no_overlays))
+        progress.update(len(chunk))
+    progress.close()
+
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(images) - failed} of {len(images)} images segmented with {segmenter.backend}; "
+          f"{failed} failed; wrote {out / 'predictions.csv'}")
+    return 1 if failed else 0
+
+
+def _write_outputs(out: Path, path: Path, image: np.ndarray, prediction: Prediction, overlays: bool) -> dict[str, Any]:
+    mask_path = out / "masks" / f"{path.stem}.png"
+    Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(mask_path)
+    row = {"image_id": path.stem, "image_path": str(path), "status": "ok", "error": "",
+           "sentence": prediction.sentence, "mask_path": str(mask_path)}
+    if overlays:
+        overlay_path = out / "overlays" / f"{path.stem}.png"
+        Image.fromarray(overlay(image, prediction.mask)).save(overlay_path)
+        row["overlay_path"] = str(overlay_path)
+    return row | lesion_statistics(prediction.mask, prediction.probability)

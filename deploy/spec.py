@@ -1,0 +1,193 @@
+"""The deployment bundle: file names and the ``deploy.json`` spec every backend reads.
+
+``cmgnet export`` writes one folder per model::
+
+    <bundle>/
+      deploy.json               DeploySpec: input names, image size, normalisation, threshold, text encoder
+      model.onnx                image + text features + text mask -> logits (ONNX Runtime, TensorRT's parser)
+      model.int8.onnx           optional: conv layers quantised to int8 for CPU serving
+      model.engine(.json)       optional: TensorRT engine + the metadata checked when it is loaded
+      model_trt.ep(.json)       optional: torch-tensorrt ExportedProgram + metadata
+      text_cache/               text encoder features of the standard sentences (TextFeatureCache)
+      text_encoder.safetensors  only when the text encoder was fine-tuned (not the published weights)
+
+The network never runs the text encoder: the ONNX graph and the engines take the encoder's
+last hidden states (``B x L x D_t``, padded to ``text.max_length`` tokens) and their mask.
+The runtime computes those with :class:`cmgnet.text.TextEncoder` once per distinct sentence,
+served from ``text_cache/`` for the neutral sentence and the diagnosis templates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+
+from .errors import DeployError
+
+SPEC_NAME = "deploy.json"
+ONNX_NAME = "model.onnx"
+INT8_ONNX_NAME = "model.int8.onnx"
+ENGINE_NAME = "model.engine"
+TORCH_TRT_NAME = "model_trt.ep"
+TEXT_CACHE_DIR = "text_cache"
+TEXT_WEIGHTS_NAME = "text_encoder.safetensors"
+
+IMAGE_INPUT = "image"
+TEXT_INPUTS = ("text_features", "text_mask")
+OUTPUT_NAME = "logits"
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_THRESHOLD = 0.5
+
+_FORMAT = "cmgnet-deploy"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How the runtime turns sentences into the network's text inputs.
+
+    Args:
+        model_id: text encoder id (see :mod:`cmgnet.text.encoder`).
+        max_length: tokens per sentence; features are padded to exactly this many.
+        hidden_size: ``D_t``, the encoder's hidden width (the last dim of ``text_features``).
+        weights: bundle file with fine-tuned encoder weights, or ``None`` for the published ones.
+        cache: bundle folder with precomputed features, or ``None``.
+    """
+
+    model_id: str
+    max_length: int
+    hidden_size: int
+    weights: str | None = None
+    cache: str | None = None
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """Everything outside the network that a backend needs to reproduce the model's output.
+
+    Args:
+        model: registered model name (``cmgnet``, ``unet``, ...).
+        image_size: ``(height, width)`` the image is resized to before the network.
+        stride: input sides must be multiples of this.
+        mean: per-channel normalisation mean of images scaled to 0..1.
+        std: per-channel normalisation standard deviation.
+        threshold: probability above which a pixel is lesion.
+        text: the text encoder, or ``None`` for an image-only network.
+        opset: ONNX opset of ``model.onnx`` (``None`` before export).
+        model_config: the network's config (provenance only).
+    """
+
+    model: str
+    image_size: tuple[int, int]
+    stride: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    threshold: float = DEFAULT_THRESHOLD
+    text: TextSpec | None = None
+    opset: int | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        height, width = self.image_size
+        if height <= 0 or width <= 0 or height % self.stride or width % self.stride:
+            raise DeployError(f"image size {height}x{width} must be positive multiples of {self.stride}")
+        if not 0.0 < self.threshold < 1.0:
+            raise DeployError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Network inputs in call order."""
+        return (IMAGE_INPUT, *TEXT_INPUTS) if self.text is not None else (IMAGE_INPUT,)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (with format and version tags)."""
+        return {"format": _FORMAT, "version": _VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str | Path = "<dict>") -> DeploySpec:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            DeployError: not a deploy spec, an unknown version or a missing field (naming ``source``).
+        """
+        if data.get("format") != _FORMAT or data.get("version") != _VERSION:
+            raise DeployError(
+                f"{source}: not a cmgnet deploy spec of version {_VERSION} "
+                f"(format={data.get('format')!r}, version={data.get('version')!r}); re-export with `cmgnet export`"
+            )
+        try:
+            text = TextSpec(**data["text"]) if data.get("text") is not None else None
+            return cls(
+                model=data["model"], image_size=tuple(data["image_size"]), stride=int(data["stride"]),
+                mean=tuple(data["mean"]), std=tuple(data["std"]), threshold=float(data["threshold"]), text=text,
+                opset=data.get("opset"), model_config=data.get("model_config", {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise DeployError(f"{source}: malformed deploy spec ({err.__class__.__name__}: {err})") from err
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeploySpec:
+        """Read a spec written by :meth:`save`.
+
+        Raises:
+            DeployError: missing or unreadable file, or see :meth:`from_json`.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise DeployError(
+                f"{path}: cannot read the deploy spec ({err}); export the model with `cmgnet export`"
+            ) from err
+        return cls.from_json(data, path)
+
+
+def spec_for_model(
+    model: Any,
+    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> DeploySpec:
+    """The spec of an in-memory :class:`~cmgnet.model.SegmentationModel`.
+
+    Args:
+        model: the network (its config gives stride and text encoder).
+        image_size: network input side, or ``(height, width)``; the training size (default 256).
+        mean, std: the normalisation used in training (``DataConfig.mean``/``std``).
+        threshold: probability threshold of the mask.
+
+    Returns:
+        The spec, without text cache/weights entries (the exporter adds those).
+    """
+    config = model.config
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    text = None
+    if getattr(model, "text_branch", None) is not None:
+        encoder = model.text_branch.encoder
+        text = TextSpec(model_id=encoder.model_id, max_length=encoder.max_length, hidden_size=encoder.hidden_size)
+    return DeploySpec(
+        model=model.model_name, image_size=size, stride=config.stride, mean=tuple(mean), std=tuple(std),
+        threshold=threshold, text=text, model_config=dataclasses.asdict(config),
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (ties an engine to the exact ONNX it was built from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
