@@ -211,3 +211,20 @@ def test_ablation_prints_paper_table(data_root, tmp_path, capsys):
     assert "| Network" in table and "Baseline (U-Net)" in table and "CMG-Net" in table
     assert [r["variant"] for r in report["rows"]] == ["unet", "full"]
     assert json.loads(report["json"].read_text())["text_regime"] == "none"
+
+
+def test_cli_reports_config_mistakes_as_usage_errors(capsys):
+    from conftest import REPO_ROOT
+
+    from cmgnet.train.cli import evaluate_main, train_main
+
+    demo = str(REPO_ROOT / "configs" / "demo.yaml")
+    for main, argv in ((train_main, ["--config", "configs/missing.yaml"]),
+                       (train_main, ["--config", demo, "optim.no_such_key=1"]),
+                       (evaluate_main, ["--checkpoint", "no/such/run"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.yaml" in err and "optim.no_such_key" in err and "no/such/run" in err
+    assert "Traceback" not in err

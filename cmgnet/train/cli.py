@@ -11,10 +11,11 @@ Run under ``accelerate launch`` for several processes, GPUs, nodes or DeepSpeed:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
@@ -43,6 +44,15 @@ def _config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A bad config, override or path is a usage error: one line and exit 2, no traceback."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError) as err:
+        parser.error(str(err.args[0] if isinstance(err, KeyError) and err.args else err))
+
+
 def _print_config(cfg) -> int:
     import yaml
 
@@ -58,7 +68,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    with _usage_errors(parser):
+        cfg = load_config(args.config, args.overrides)
     if args.print_config:
         return _print_config(cfg)
     setup_logging()
@@ -107,11 +118,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     from .config import load_config
 
     checkpoint = Path(args.checkpoint)
-    weights = _find_weights(checkpoint)
-    config_path = args.config or _find_config(weights) or _find_config(checkpoint)
-    if config_path is None:
-        parser.error(f"no experiment.yaml/config.yaml next to {checkpoint}: pass --config")
-    cfg = load_config(config_path, [*args.overrides, "train.resume="])
+    with _usage_errors(parser):
+        weights = _find_weights(checkpoint)
+        config_path = args.config or _find_config(weights) or _find_config(checkpoint)
+        if config_path is None:
+            parser.error(f"no experiment.yaml/config.yaml next to {checkpoint}: pass --config")
+        cfg = load_config(config_path, [*args.overrides, "train.resume="])
     eval_cfg = cfg.eval
     if args.overlays is not None:
         eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)
@@ -199,7 +211,8 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-regime", choices=TEXT_REGIMES, default=None,
                         help="text regime of the table (default: data.text_regime_eval)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    with _usage_errors(parser):
+        cfg = load_config(args.config, args.overrides)
     if args.print_config:
         return _print_config(cfg)
     setup_logging()
