@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -186,16 +185,6 @@ def measure(fn: Callable[[], object], batch: int, warmup: int, iters: int, cuda:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -253,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         eager = next((r for r in same if r["backend"] == "eager"), None)
         row["vs_eager"] = round(row["p50_ms"] / eager["p50_ms"], 3) if eager else ""
     print()
-    info = hardware() | {"cpu_model": cpu_name(), "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+    info = hardware() | {"load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     print(f"latency at {args.size}x{args.size}, {args.iters} iterations after {args.warmup} warm-up, {info}")
     print_table(rows, ["width", "backend", "device", "batch", "p50_ms", "p95_ms", "p99_ms", "img_per_s", "vs_eager"])
     for backend, reason in skipped.items():
