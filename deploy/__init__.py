@@ -10,10 +10,23 @@ Command lines: ``cmgnet export`` (:mod:`cmgnet.deploy.export`) and ``cmgnet pred
 (:mod:`cmgnet.deploy.predict`). TensorRT and torch-tensorrt are imported only when used.
 """
 
+from typing import TYPE_CHECKING
+
+from cmgnet._lazy import lazy_exports
+
 from .errors import BackendUnavailableError, DeployError, EngineMismatchError
-from .export import export_bundle, export_onnx, verify_onnx
-from .runtime import Prediction, Segmenter
-from .spec import DeploySpec, TextSpec
+
+if TYPE_CHECKING:
+    from .export import export_bundle, export_onnx, verify_onnx
+    from .runtime import Prediction, Segmenter
+    from .spec import DeploySpec, TextSpec
+
+# torch and ONNX load on first use, so `cmgnet export --help` / `cmgnet predict --help` stay fast.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("export_bundle", "export_onnx", "verify_onnx"), ".export"),
+    **dict.fromkeys(("Prediction", "Segmenter"), ".runtime"),
+    **dict.fromkeys(("DeploySpec", "TextSpec"), ".spec"),
+})
 
 __all__ = [
     "BackendUnavailableError",

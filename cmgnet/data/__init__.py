@@ -14,10 +14,12 @@ Typical use::
 DALI is imported only when a DALI loader is built.
 """
 
+from typing import TYPE_CHECKING
+
+from cmgnet._lazy import lazy_exports
+
 from .config import DataConfig
-from .dataset import SegmentationDataset, SplitData, prepare_split, sentences
 from .errors import DataError
-from .loaders import SegmentationLoader, TorchLoader, build_loader, dali_available, resolve_backend
 from .metadata import read_metadata
 from .protocols import PROTOCOLS, paper_split, resolve_split
 from .readers import (
@@ -34,6 +36,17 @@ from .records import LesionRecord, Sample
 from .sampling import EpochPlan
 from .synthetic import generate_dataset
 from .validate import ValidationReport, validate_records
+
+if TYPE_CHECKING:
+    from .dataset import SegmentationDataset, SplitData, prepare_split, sentences
+    from .loaders import SegmentationLoader, TorchLoader, build_loader, dali_available, resolve_backend
+
+# The torch-backed parts load on first use, so `cmgnet data check --help` does not import torch.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(("SegmentationDataset", "SplitData", "prepare_split", "sentences"), ".dataset"),
+    **dict.fromkeys(("SegmentationLoader", "TorchLoader", "build_loader", "dali_available", "resolve_backend"),
+                    ".loaders"),
+})
 
 __all__ = [
     "FORMATS",

@@ -4,8 +4,17 @@
 :mod:`.dali_pipeline` (imported on demand; needs ``nvidia-dali``) with DALI.
 """
 
+from typing import TYPE_CHECKING
+
+from cmgnet._lazy import lazy_exports
+
 from .params import AUGMENTS, NUM_VARIANTS, AugmentParams, TransformSpec, sample_params, variant_params
-from .torch_ops import apply_transform
+
+if TYPE_CHECKING:
+    from .torch_ops import apply_transform
+
+# torch loads with the first transform, not with the config's list of augment names.
+__getattr__, __dir__ = lazy_exports(__name__, {"apply_transform": ".torch_ops"})
 
 __all__ = [
     "AUGMENTS",
