@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, print_table, write_json  # noqa: E402
 
 from cmgnet.data import DataConfig, build_loader, dali_available, generate_dataset  # noqa: E402
+from cmgnet.errors import cli_entry  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -50,6 +51,7 @@ def window(stream: Iterator[dict], batches: int) -> tuple[float, float, int]:
     return time.perf_counter() - start, cpu_seconds() - cpu_start, images
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=SHARED_DATA / "isic2018-256", help="dataset folder")

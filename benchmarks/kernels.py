@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, print_table, time_fn, write_json  # noqa: E402
 
 from cmgnet import kernels  # noqa: E402
+from cmgnet.errors import cli_entry  # noqa: E402
 from cmgnet.kernels import dispatch_table, reference  # noqa: E402
 from cmgnet.kernels.dispatch import axial_key, decode_key, gated_cross_key  # noqa: E402
 
@@ -280,6 +281,7 @@ def write_dispatch(path: Path, gpu: str, measured: set[str], winners: dict[str, 
     print(f"wrote {path}: {len(winners)} shape classes for {gpu}")
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))

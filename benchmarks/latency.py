@@ -45,6 +45,8 @@ from cmgnet.deploy.errors import BackendUnavailableError, DeployError  # noqa: E
 from cmgnet.deploy.quantize import quantize_onnx  # noqa: E402
 from cmgnet.deploy.runtime import Runner, TorchRunner, onnxruntime_session  # noqa: E402
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME, DeploySpec  # noqa: E402
+from cmgnet.errors import cli_entry  # noqa: E402
+from cmgnet.inference import resolve  # noqa: E402
 from cmgnet.model import CMGNet, CMGNetConfig, SegmentationModel  # noqa: E402
 from cmgnet.text.pseudo_text import TEMPLATES  # noqa: E402
 
@@ -185,13 +187,17 @@ def measure(fn: Callable[[], object], batch: int, warmup: int, iters: int, cuda:
     }
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="save_pretrained directory to benchmark")
     source.add_argument("--widths", type=int, nargs="+", default=[32], help="base widths of fresh models")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=None,
+                        help="input side (default: a checkpoint's recorded size, else 256; "
+                             "a different size for a checkpoint needs --force)")
+    parser.add_argument("--force", action="store_true", help="accept a --size that contradicts the checkpoint")
     parser.add_argument("--backends", nargs="+", default=None, help="subset to run (default: all that apply)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--warmup", type=int, default=3)
@@ -211,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
               "so timings (and backend ratios) will be distorted", file=sys.stderr)
     models = ([("checkpoint", SegmentationModel.from_pretrained(args.checkpoint).eval())] if args.checkpoint
               else [(w, fresh_model(w, args.text_model)) for w in args.widths])
+    record = models[0][1].inference if args.checkpoint else None
+    if record is not None:  # time the model at the size it serves at (cmgnet.inference)
+        given = {"image_size": (args.size, args.size) if args.size else None}
+        args.size = resolve(record, given, Path(args.checkpoint) / "inference.json", args.force)["image_size"][0]
+    args.size = args.size or 256
     rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for width, model in models:
@@ -261,4 +272,4 @@ def _onnxruntime_version() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,9 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cost_variants, hardware, print_table, time_fn, write_json  # noqa: E402
 
 from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
+from cmgnet.errors import cli_entry  # noqa: E402
 
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
@@ -57,4 +59,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

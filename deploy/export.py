@@ -1,6 +1,6 @@
 """Checkpoint -> deployment bundle: ONNX (checked), text features, optional int8, TensorRT, MLflow.
 
-    cmgnet export CHECKPOINT --out DIR [--image-size 256] [--max-batch 32]
+    cmgnet export CHECKPOINT --out DIR [--max-batch 32] [--force --image-size N ...]
                   [--tensorrt auto|require|skip] [--precision fp16] [--torch-tensorrt]
                   [--int8-calibration IMAGES...] [--mlflow-run-id RUN]
 
@@ -12,6 +12,11 @@ multiples of 16). It is exported with PyTorch's ``torch.export``-based exporter 
 lowest that exporter emits; TensorRT >= 10 parses it), with attention through plain
 ``scaled_dot_product_attention``, then checked with the ONNX checker and against PyTorch with
 ONNX Runtime at several batch sizes.
+
+Image size, normalisation, centre crop, threshold and text regime are not retyped: they come
+from the checkpoint's ``inference.json`` (written at training time, see :mod:`cmgnet.inference`)
+into the bundle's ``deploy.json``. ``--image-size/--mean/--std/--threshold`` that contradict it
+are refused unless ``--force``.
 
 The text encoder is not part of the graph: its features for the neutral sentence and every
 diagnosis template are precomputed into the bundle's ``text_cache/``; any other sentence is
@@ -35,17 +40,16 @@ import torch
 from safetensors.torch import save_file
 
 from cmgnet import kernels
-from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
 from cmgnet.data.imageio import IMAGE_EXTENSIONS
+from cmgnet.errors import cli_entry
+from cmgnet.inference import INFERENCE_NAME, resolve
 from cmgnet.model import SegmentationModel
 from cmgnet.text import NEUTRAL_SENTENCE, TextFeatureCache
 from cmgnet.text.pseudo_text import TEMPLATES
 
 from .errors import BackendUnavailableError, DeployError
-from .runtime import Segmenter, load_image, onnxruntime_session, preprocess
+from .runtime import Segmenter, load_image, onnxruntime_session, preprocess, resolve_model_path
 from .spec import (
-    DEFAULT_IMAGE_SIZE,
-    DEFAULT_THRESHOLD,
     ENGINE_NAME,
     IMAGE_INPUT,
     INT8_ONNX_NAME,
@@ -98,7 +102,7 @@ def export_onnx(model: SegmentationModel, spec: DeploySpec, path: str | Path, *,
         ``path``.
     """
     model = model.eval().cpu()
-    segmenter = Segmenter.from_model(model, image_size=spec.image_size)
+    segmenter = Segmenter.from_model(model, spec=spec)
     example = network_inputs(segmenter, _random_images(2, spec.image_size, 0), [NEUTRAL_SENTENCE] * 2)
     dims = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     dynamic = {name: (dims if name == IMAGE_INPUT else {0: "batch"}) for name in example}
@@ -168,7 +172,7 @@ def verify_onnx(
     except onnx.checker.ValidationError as err:
         raise DeployError(f"{path}: ONNX checker: {err}") from err
     session = onnxruntime_session(path)
-    segmenter = Segmenter.from_model(model.eval().cpu(), image_size=spec.image_size)
+    segmenter = Segmenter.from_model(model.eval().cpu(), spec=spec)
     results = []
     for batch in batch_sizes:
         sentences = [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)] for i in range(batch)]
@@ -235,10 +239,10 @@ def export_bundle(
     model: SegmentationModel,
     out_dir: str | Path,
     *,
-    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    threshold: float = DEFAULT_THRESHOLD,
+    image_size: int | tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    threshold: float | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_size: bool = True,
     verify_batches: Sequence[int] = (1, 2, 4),
@@ -249,7 +253,8 @@ def export_bundle(
     Args:
         model: the network.
         out_dir: bundle folder (created; existing files are replaced).
-        image_size, mean, std, threshold: pre/post-processing (see :class:`DeploySpec`).
+        image_size, mean, std, threshold: pre/post-processing (see :class:`DeploySpec`);
+            ``None``: the model's inference record (``model.inference``), else the defaults.
         opset, dynamic_size: see :func:`export_onnx`.
         verify_batches: batch sizes of the parity check (empty: skip it).
         sentences: extra sentences to precompute.
@@ -273,7 +278,7 @@ def calibration_inputs(
     model: SegmentationModel, spec: DeploySpec, images: Sequence[Path]
 ) -> list[dict[str, np.ndarray]]:
     """Batch-1 network inputs for int8 calibration: each image with a standard sentence in turn."""
-    segmenter = Segmenter.from_model(model, image_size=spec.image_size)
+    segmenter = Segmenter.from_model(model, spec=spec)
     feeds = []
     for i, path in enumerate(images):
         inputs = network_inputs(segmenter, [load_image(path)], [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)]])
@@ -338,11 +343,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
     parser.add_argument("--out", required=True, help="bundle directory to write")
-    pre = parser.add_argument_group("pre/post-processing (must match training)")
-    pre.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="network input side")
-    pre.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="normalisation mean (0..1 scale)")
-    pre.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD, help="normalisation std (0..1 scale)")
-    pre.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="mask probability threshold")
+    pre = parser.add_argument_group("pre/post-processing (default: the checkpoint's inference.json; "
+                                    "a different value needs --force)")
+    pre.add_argument("--image-size", type=int, default=None, help="network input side")
+    pre.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
+    pre.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
+    pre.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
+    pre.add_argument("--force", action="store_true", help="accept values that contradict the checkpoint's record")
     onnx_args = parser.add_argument_group("ONNX")
     onnx_args.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
     onnx_args.add_argument("--static-size", action="store_true", help="fix H/W to --image-size (only batch dynamic)")
@@ -369,24 +376,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """A ``save_pretrained`` folder from a shipped name, that folder, a run (``best/``) or a checkpoint (``model/``)."""
+    path = resolve_model_path(path)
+    for candidate in (path, path / "best", path / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return path  # from_pretrained names what is missing
+
+
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
-    """``cmgnet export``; returns the exit code (0 ok, 1 a step failed)."""
+    """``cmgnet export``; returns the exit code (0 ok, 1 a step failed).
+
+    Raises:
+        CheckpointError, DeployError, UsageError: reported as one line by ``cli_entry``.
+    """
     args = _parser().parse_args(argv)
-    try:
-        model = SegmentationModel.from_pretrained(args.checkpoint).eval()
-    except (ValueError, KeyError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    checkpoint = checkpoint_dir(args.checkpoint)
+    model = SegmentationModel.from_pretrained(checkpoint).eval()
+    given = {"image_size": (args.image_size,) * 2 if args.image_size else None, "mean": args.mean, "std": args.std,
+             "threshold": args.threshold}
+    if model.inference is not None:
+        given = resolve(model.inference, given, checkpoint / INFERENCE_NAME, args.force)
+    else:
+        print(f"warning: {checkpoint} has no {INFERENCE_NAME} (saved before inference records): the bundle uses "
+              "the options given, else 256 px, ImageNet normalisation, threshold 0.5", file=sys.stderr)
     extra = [s.strip() for s in Path(args.sentences).read_text().splitlines() if s.strip()] if args.sentences else []
-    try:
-        result = export_bundle(
-            model, args.out, image_size=args.image_size, mean=tuple(args.mean), std=tuple(args.std),
-            threshold=args.threshold, opset=args.opset, dynamic_size=not args.static_size,
-            verify_batches=args.verify_batches, sentences=extra,
-        )
-    except DeployError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    result = export_bundle(
+        model, args.out, image_size=given["image_size"], mean=given["mean"], std=given["std"],
+        threshold=given["threshold"], opset=args.opset, dynamic_size=not args.static_size,
+        verify_batches=args.verify_batches, sentences=extra,
+    )
     bundle, spec = result.bundle, result.spec
     print(f"wrote {result.onnx} (opset {spec.opset}, inputs {', '.join(spec.input_names)})")
     for p in result.parity:

@@ -1,10 +1,15 @@
 """``cmgnet predict``: images -> lesion masks, overlays and a statistics CSV.
 
     cmgnet predict MODEL INPUT... --out DIR [--metadata CSV | --text SENTENCE]
-                   [--text-regime metadata] [--backend auto] [--device auto] [--batch-size 8]
+                   [--text-regime REGIME] [--tta] [--backend auto] [--device auto] [--batch-size 8]
+                   [--overwrite] [--force]
 
-``MODEL`` is anything :meth:`cmgnet.deploy.Segmenter.load` opens (a checkpoint directory, an
-exported bundle, a ``.onnx``/``.engine``/``.ep`` file). Each ``INPUT`` is an image file, a
+``MODEL`` is anything :meth:`cmgnet.deploy.Segmenter.load` opens (a shipped model name, a
+checkpoint directory, an exported bundle, a ``.onnx``/``.engine``/``.ep`` file). Image size,
+normalisation, centre crop, threshold, text regime and TTA come from the model's inference
+contract (``inference.json`` / ``deploy.json``); an option that contradicts it is an error
+unless ``--force`` is given. An output folder that already holds results is refused unless
+``--overwrite``. Each ``INPUT`` is an image file, a
 folder of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``; not recursive) or a ``.txt`` file
 listing image paths, one per line (relative to the list's folder). Writes, per image id (the
 file stem):
@@ -19,8 +24,8 @@ Text per image: ``--text`` for all of them, else the image's row of ``--metadata
 the dataset readers accept: ``image_id`` plus ``diagnosis, age, sex, site, description``)
 made into a sentence under ``--text-regime`` (``metadata``: age/sex/site only, the default;
 ``oracle``: also the diagnosis column; ``none``: the neutral sentence), else the neutral
-sentence. An unreadable image is reported and skipped and the rest are processed; the exit
-code is 1 if any image failed.
+sentence. An unreadable image is reported (by path) and skipped and the rest are processed;
+the exit code is 1 if any image failed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tqdm import tqdm
 from cmgnet.data.errors import DataError
 from cmgnet.data.imageio import IMAGE_EXTENSIONS
 from cmgnet.data.metadata import read_metadata
+from cmgnet.errors import CmgnetError, cli_entry
 
 from .errors import DeployError
 from .runtime import BACKENDS, SEGMENTER_TEXT_REGIMES, Prediction, Segmenter, load_image
@@ -124,36 +130,60 @@ def _parser() -> argparse.ArgumentParser:
     text.add_argument("--text", help="one sentence for every image")
     text.add_argument("--metadata", nargs="+",
                       help="metadata CSV(s) with image_id + diagnosis/age/sex/site/description")
-    parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default="metadata",
-                        help="what metadata may contribute to the sentence (oracle = also the diagnosis)")
+    parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default=None,
+                        help="what metadata may contribute to the sentence (oracle = also the diagnosis); "
+                             "default: the model's recorded regime")
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="flip test-time augmentation (default: as recorded for the model)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network call")
-    parser.add_argument("--threshold", type=float, default=None, help="override the model's mask threshold (0.5)")
-    parser.add_argument("--image-size", type=int, default=256, help="network input size for a PyTorch checkpoint")
+    contract = parser.add_argument_group("inference contract (default: recorded with the model; "
+                                         "a different value needs --force)")
+    contract.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
+    contract.add_argument("--image-size", type=int, default=None, help="network input side")
+    contract.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
+    contract.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
+    contract.add_argument("--force", action="store_true", help="accept values that contradict the model's record")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--no-overlays", action="store_true", help="write masks and CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``cmgnet predict``; returns 0 when every image was segmented, 1 otherwise."""
-    args = _parser().parse_args(argv)
-    try:
-        images = collect_images(args.inputs)
-        table = read_metadata(args.metadata) if args.metadata else {}
-        segmenter = Segmenter.load(
-            args.model, backend=args.backend, device=args.device, num_threads=args.threads,
-            image_size=args.image_size, batch_size=args.batch_size, threshold=args.threshold,
-            text_regime=args.text_regime,
-        )
-    except (DeployError, DataError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def existing_results(out: Path) -> list[Path]:
+    """Files of an earlier ``predict`` run in ``out`` (the CSV, masks, overlays)."""
+    found = [out / "predictions.csv"] if (out / "predictions.csv").exists() else []
+    for sub in ("masks", "overlays"):
+        if (out / sub).is_dir():
+            found += sorted((out / sub).glob("*.png"))
+    return found
 
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """``cmgnet predict``; returns 0 when every image was segmented, 1 otherwise.
+
+    Raises:
+        CmgnetError, DeployError, DataError: bad model, inputs or output folder (one line via ``cli_entry``).
+    """
+    args = _parser().parse_args(argv)
     out = Path(args.out)
+    if not args.overwrite and (found := existing_results(out)):
+        raise CmgnetError(f"already holds results ({len(found)} files, e.g. {found[0].name}); "
+                          "pass --overwrite to replace them or choose another --out", out)
+    images = collect_images(args.inputs)
+    if args.overwrite:  # replaced, not merged: the folder then describes this run only
+        for stale in existing_results(out):
+            stale.unlink()
+    table = read_metadata(args.metadata) if args.metadata else {}
+    segmenter = Segmenter.load(
+        args.model, backend=args.backend, device=args.device, num_threads=args.threads,
+        image_size=args.image_size, mean=args.mean, std=args.std, force=args.force,
+        batch_size=args.batch_size, threshold=args.threshold, text_regime=args.text_regime, tta=args.tta,
+    )
     (out / "masks").mkdir(parents=True, exist_ok=True)
     if not args.no_overlays:
         (out / "overlays").mkdir(exist_ok=True)

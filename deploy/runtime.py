@@ -10,15 +10,21 @@ Backends (``Segmenter.load(path, backend=...)``):
 Pre- and post-processing are the same code for all of them, so backends differ only in the
 network's arithmetic:
 
-1. decode to RGB ``uint8``; resize to the spec's image size with antialiased bilinear
-   interpolation (the training pipeline's resize, ``cmgnet.data.augment.torch_ops``);
-   normalise ``(x / 255 - mean) / std`` with the spec's (ImageNet) statistics;
+1. decode to RGB ``uint8``; take the centred square if the model was trained with
+   ``center_crop``; resize to the spec's image size with antialiased bilinear interpolation
+   (the training pipeline's resize, ``cmgnet.data.augment.torch_ops``); normalise
+   ``(x / 255 - mean) / std`` with the statistics the model was trained with;
 2. text: a sentence, a metadata record (any object with ``diagnosis, age, sex, site,
    description``: made into a sentence by :func:`cmgnet.text.pseudo_text.make_sentence` under
    the segmenter's text regime) or nothing (the neutral sentence); encoded by the frozen text
    encoder (cached per sentence) and padded to the spec's ``max_length`` tokens;
-3. ``sigmoid(logits)`` resized bilinearly back to the original image size, then
-   ``probability > threshold`` (0.5 by default) is the mask.
+3. ``sigmoid(logits)`` (averaged over flips with ``tta``) resized bilinearly back to the
+   original image size (to the crop, background outside it, with ``center_crop``), then
+   ``probability > threshold`` is the mask.
+
+All of these settings come from the model's inference contract (``inference.json`` beside a
+checkpoint's weights, ``deploy.json`` in a bundle; see :mod:`cmgnet.inference`). An explicit
+argument that contradicts it raises :class:`cmgnet.errors.UsageError` unless ``force=True``.
 
 Images go through the network in batches of ``batch_size`` (capped by an engine's largest
 optimisation-profile batch).
@@ -29,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,10 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor
 
+from cmgnet.data.augment.params import crop_box
 from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded
+from cmgnet.errors import load_safetensors
+from cmgnet.inference import INFERENCE_NAME, resolve
 from cmgnet.model import SegmentationModel
 from cmgnet.model.base import CONFIG_NAME, WEIGHTS_NAME
 from cmgnet.text import NEUTRAL_SENTENCE, TextEncoder, TextFeatureCache
@@ -48,7 +56,6 @@ from cmgnet.text.pseudo_text import make_sentence
 
 from .errors import BackendUnavailableError, DeployError
 from .spec import (
-    DEFAULT_IMAGE_SIZE,
     ENGINE_NAME,
     ONNX_NAME,
     OUTPUT_NAME,
@@ -130,21 +137,41 @@ def preprocess(images: Sequence[np.ndarray], spec: DeploySpec) -> Tensor:
     batch = []
     for array in images:
         x = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)[None]
-        # Same resize as training (antialiased bilinear on 0..255 values), so inputs match what the model saw.
-        batch.append(F.interpolate(x, size=spec.image_size, mode="bilinear", antialias=True, align_corners=False))
+        if spec.center_crop:
+            top, left, side = crop_box(*array.shape[:2])
+            x = x[..., top : top + side, left : left + side]
+        # Same resize as training (antialiased bilinear on 0..255 values, none at the same size),
+        # so inputs match what the model saw.
+        if tuple(x.shape[-2:]) != tuple(spec.image_size):
+            x = F.interpolate(x, size=spec.image_size, mode="bilinear", antialias=True, align_corners=False)
+        batch.append(x)
     return (torch.cat(batch) - mean) / std
 
 
 def postprocess(
-    logits: Tensor, sizes: Sequence[tuple[int, int]], threshold: float
+    logits: Tensor, sizes: Sequence[tuple[int, int]], threshold: float, center_crop: bool = False
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``B x 1 x h x w`` logits -> ``(probability, mask)`` per image at its original ``(H, W)``."""
+    """``B x 1 x h x w`` logits -> ``(probability, mask)`` per image at its original ``(H, W)``.
+
+    With ``center_crop`` the network saw the centred square only: its output is resized to
+    that square and placed there; the rest of the image has probability 0.
+    """
     probability = torch.sigmoid(logits.float())
     out = []
     for i, size in enumerate(sizes):
+        top, left, (height, width) = 0, 0, tuple(size)
+        if center_crop:
+            top, left, side = crop_box(height, width)
+            height = width = side
         # Resize probabilities, not the binary mask: the boundary lands between model pixels, not on them.
-        p = F.interpolate(probability[i : i + 1], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
-        p = p.numpy()
+        p = probability[i : i + 1]
+        if tuple(p.shape[-2:]) != (height, width):
+            p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
+        p = p[0, 0].numpy()
+        if center_crop:
+            full = np.zeros(tuple(size), dtype=np.float32)
+            full[top : top + height, left : left + width] = p
+            p = full
         out.append((p, p > threshold))
     return out
 
@@ -201,6 +228,7 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
 
     Raises:
         BackendUnavailableError: ONNX Runtime or its CUDA provider is not installed.
+        DeployError: the file is not a loadable ONNX model (garbage, truncated, wrong opset).
     """
     try:
         import onnxruntime as ort
@@ -226,7 +254,15 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
         providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"{path}: no such ONNX file")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - ORT raises pybind types (InvalidProtobuf, Fail) outside any hierarchy
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DeployError(f"{path}: not a loadable ONNX model ({err.__class__.__name__}: {detail}); "
+                          "re-export it with `cmgnet export`") from err
 
 
 class OnnxRuntimeRunner:
@@ -272,9 +308,16 @@ def bundle_text_encoder(text: TextSpec, folder: Path) -> TextEncoder:
         DeployError: its hidden size differs from the one the network was exported with.
     """
     cache = TextFeatureCache(folder / text.cache) if text.cache else None
+    if cache is not None:
+        cache.get(text.model_id, NEUTRAL_SENTENCE)  # read the cache file now: a corrupt one fails at load, by name
     encoder = TextEncoder(text.model_id, text.max_length, freeze=True, cache=cache)
     if text.weights:
-        encoder.backbone.load_state_dict(load_file(str(folder / text.weights)))
+        path = folder / text.weights
+        try:
+            encoder.backbone.load_state_dict(load_safetensors(path, "text encoder weights"))
+        except RuntimeError as err:
+            raise DeployError(f"{path}: weights do not fit text encoder {text.model_id!r} ({err.__class__.__name__}); "
+                              "re-export") from err
     if encoder.hidden_size != text.hidden_size:
         raise DeployError(
             f"text encoder {text.model_id!r} has hidden size {encoder.hidden_size}, but the network was exported "
@@ -302,9 +345,10 @@ class Segmenter:
         spec: pre/post-processing and text encoder description.
         text_encoder: the frozen text encoder (``None`` for image-only networks).
         batch_size: images per network call.
-        threshold: mask threshold (``None``: the spec's, 0.5 by default).
+        threshold: mask threshold (``None``: the spec's, i.e. the one the model was evaluated with).
         text_regime: how metadata records become sentences: ``none``, ``metadata`` (age,
-            sex, site only; default) or ``oracle`` (also the record's diagnosis).
+            sex, site only) or ``oracle`` (also the record's diagnosis); ``None``: the spec's.
+        tta: average the logits over flips (``cmgnet.model.tta``); ``None``: the spec's.
 
     Example:
         >>> seg = Segmenter.load("exported/model.onnx")
@@ -320,8 +364,10 @@ class Segmenter:
         *,
         batch_size: int = 8,
         threshold: float | None = None,
-        text_regime: str = "metadata",
+        text_regime: str | None = None,
+        tta: bool | None = None,
     ) -> None:
+        text_regime = spec.text_regime if text_regime is None else text_regime
         if text_regime not in SEGMENTER_TEXT_REGIMES:
             raise ValueError(f"text_regime must be one of {SEGMENTER_TEXT_REGIMES}, got {text_regime!r}")
         if spec.text is not None and text_encoder is None:
@@ -334,6 +380,7 @@ class Segmenter:
         self.batch_size = min(batch_size, runner.max_batch or batch_size)
         self.threshold = spec.threshold if threshold is None else threshold
         self.text_regime = text_regime
+        self.tta = spec.tta if tta is None else bool(tta)
 
     @property
     def backend(self) -> str:
@@ -345,13 +392,18 @@ class Segmenter:
         cls,
         model: SegmentationModel,
         *,
-        image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        image_size: int | tuple[int, int] | None = None,
         device: str = "cpu",
         precision: str = "fp32",
+        spec: DeploySpec | None = None,
         **kwargs: Any,
     ) -> Segmenter:
-        """A PyTorch segmenter around an in-memory model (``kwargs`` as in the constructor)."""
-        spec = spec_for_model(model, image_size)
+        """A PyTorch segmenter around an in-memory model (``kwargs`` as in the constructor).
+
+        The preprocessing is the model's inference record (``model.inference``) unless a
+        ``spec`` is given; ``image_size`` replaces the record's size.
+        """
+        spec = spec or spec_for_model(model, image_size)
         encoder = model.text_branch.encoder if getattr(model, "text_branch", None) is not None else None
         return cls(TorchRunner(model, resolve_device(device), precision), spec, encoder, **kwargs)
 
@@ -363,21 +415,31 @@ class Segmenter:
         backend: str = "auto",
         device: str = "auto",
         num_threads: int | None = None,
-        image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+        image_size: int | tuple[int, int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        force: bool = False,
         **kwargs: Any,
     ) -> Segmenter:
         """Open a checkpoint, an exported bundle or one of its model files.
 
+        Preprocessing, threshold, text regime and TTA come from the model's inference contract
+        (the checkpoint's ``inference.json``, the bundle's ``deploy.json``); a checkpoint saved
+        without one gets the defaults (256 px, ImageNet statistics, threshold 0.5).
+
         Args:
-            path: a ``save_pretrained`` checkpoint directory (PyTorch); an exported bundle
-                directory (``deploy.json``); or a ``.onnx``, ``.engine``/``.plan`` or ``.ep`` file.
+            path: a shipped model name (``cmgnet.model.hub``); a ``save_pretrained`` checkpoint
+                directory (PyTorch); an exported bundle directory (``deploy.json``); or a
+                ``.onnx``, ``.engine``/``.plan`` or ``.ep`` file.
             backend: one of :data:`BACKENDS`. ``auto`` picks the file's own backend; for a
                 bundle, the TensorRT engine when it exists and TensorRT and a GPU are present,
                 else ONNX Runtime.
             device: ``auto``, ``cpu`` or ``cuda`` (TensorRT always runs on the GPU).
             num_threads: ONNX Runtime intra-op threads.
-            image_size: network input size for a PyTorch checkpoint (bundles record their own).
-            **kwargs: ``batch_size``, ``threshold``, ``text_regime`` (see the constructor).
+            image_size, mean, std: preprocessing; ``None`` (default) takes the recorded values.
+            force: accept ``image_size``/``mean``/``std``/``threshold``/``text_regime``/``tta``
+                values that contradict the record (with a warning) instead of raising.
+            **kwargs: ``batch_size``, ``threshold``, ``text_regime``, ``tta`` (see the constructor).
 
         Returns:
             The segmenter.
@@ -386,19 +448,25 @@ class Segmenter:
             DeployError: the path is none of the above, or the backend does not fit it.
             BackendUnavailableError: the backend's library or GPU is missing.
             EngineMismatchError: an engine built for another TensorRT version or GPU.
+            UsageError: an explicit setting contradicts the record and ``force`` is off.
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        path = Path(path)
+        path = resolve_model_path(path)
         if not path.exists():
             raise DeployError(f"{path}: no such file or directory")
+        given = {"image_size": (image_size,) * 2 if isinstance(image_size, int) else image_size,
+                 "mean": mean, "std": std, "threshold": kwargs.pop("threshold", None),
+                 "text_regime": kwargs.pop("text_regime", None), "tta": kwargs.pop("tta", None)}
         if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
             if backend not in ("auto", "torch"):
                 raise DeployError(
                     f"{path} is a PyTorch checkpoint; export it (`cmgnet export`) to use backend {backend!r}"
                 )
             model = SegmentationModel.from_pretrained(path)
-            return cls.from_model(model, image_size=image_size, device=device, **kwargs)
+            # Without a record the defaults are only guesses: explicit values replace them unchecked.
+            spec = _apply(spec_for_model(model), given, path / INFERENCE_NAME, force, checked=model.inference is not None)
+            return cls.from_model(model, spec=spec, device=device, **kwargs)
         file, backend = _resolve_model_file(path, backend)
         device = resolve_device(device)
         if backend == "onnxruntime":
@@ -414,6 +482,7 @@ class Segmenter:
 
             runner = TorchTensorRTRunner(file)
             spec = runner.metadata.spec
+        spec = _apply(spec, given, file.parent / SPEC_NAME, force)
         encoder = bundle_text_encoder(spec.text, file.parent) if spec.text is not None else None
         return cls(runner, spec, encoder, **kwargs)
 
@@ -465,17 +534,50 @@ class Segmenter:
             chunk = [as_rgb(image) for image in images[start : start + self.batch_size]]
             chunk_sentences = sentences[start : start + self.batch_size]
             features, mask = self.text_inputs(chunk_sentences)
-            logits = self.runner(preprocess(chunk, self.spec), features, mask)
+            logits = self._logits(preprocess(chunk, self.spec), features, mask)
             if logits.shape[0] != len(chunk) or logits.shape[1] != 1:
                 raise DeployError(
                     f"backend {self.backend} returned logits of shape {tuple(logits.shape)} for {len(chunk)} images"
                 )
-            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold)
+            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.spec.center_crop)
             used = chunk_sentences if self.spec.text is not None else [""] * len(chunk)  # image-only: no text
             predictions += [Prediction(m, p, s) for (p, m), s in zip(results, used)]
         return predictions
 
     __call__ = predict
+
+    def _logits(self, image: Tensor, features: Tensor | None, mask: Tensor | None) -> Tensor:
+        if not self.tta:
+            return self.runner(image, features, mask)
+        from cmgnet.model.tta import flip_tta  # the same TTA as evaluation, for every backend
+
+        return flip_tta(lambda x: self.runner(x, features, mask), image)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A path, or a shipped model name resolved by :func:`cmgnet.model.hub.resolve_pretrained`."""
+    path = Path(path)
+    if path.exists():
+        return path
+    try:
+        from cmgnet.model.hub import resolve_pretrained
+    except ImportError:  # no registry in this build: the path is all there is
+        return path
+    return Path(resolve_pretrained(str(path)))
+
+
+def _apply(spec: DeploySpec, given: dict[str, Any], source: Any, force: bool, checked: bool = True) -> DeploySpec:
+    """``spec`` with explicitly given settings merged in (see :func:`cmgnet.inference.resolve`).
+
+    ``checked=False``: the spec holds defaults, not a record, so given values win silently.
+    """
+    if checked:
+        values = resolve(spec, given, source, force)
+    else:
+        values = {k: getattr(spec, k) if v is None else v for k, v in given.items()}
+    for key in ("image_size", "mean", "std"):
+        values[key] = tuple(values[key])
+    return replace(spec, **values)
 
 
 def _resolve_model_file(path: Path, backend: str) -> tuple[Path, str]:

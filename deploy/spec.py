@@ -3,7 +3,8 @@
 ``cmgnet export`` writes one folder per model::
 
     <bundle>/
-      deploy.json               DeploySpec: input names, image size, normalisation, threshold, text encoder
+      deploy.json               DeploySpec: input names, image size, normalisation, crop, threshold, text encoder
+                                (derived from the checkpoint's inference.json, see cmgnet.inference)
       model.onnx                image + text features + text mask -> logits (ONNX Runtime, TensorRT's parser)
       model.int8.onnx           optional: conv layers quantised to int8 for CPU serving
       model.engine(.json)       optional: TensorRT engine + the metadata checked when it is loaded
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD, InferenceRecord, record_for_model, validate_fields
 
 from .errors import DeployError
 
@@ -81,6 +82,10 @@ class DeploySpec:
         text: the text encoder, or ``None`` for an image-only network.
         opset: ONNX opset of ``model.onnx`` (``None`` before export).
         model_config: the network's config (provenance only).
+        center_crop: crop the centred square before resizing (as in training); the mask is
+            pasted back into the crop, background outside it.
+        text_regime: default regime turning metadata records into sentences.
+        tta: flip test-time augmentation by default.
     """
 
     model: str
@@ -92,13 +97,19 @@ class DeploySpec:
     text: TextSpec | None = None
     opset: int | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
+    center_crop: bool = False
+    text_regime: str = "metadata"
+    tta: bool = False
 
     def __post_init__(self) -> None:
+        fields = {k: getattr(self, k) for k in ("mean", "std", "threshold", "center_crop", "tta")}
+        if problems := validate_fields(fields):
+            raise DeployError("; ".join(problems))
+        if not (isinstance(self.image_size, tuple) and len(self.image_size) == 2):
+            raise DeployError(f"image_size must be [height, width], got {self.image_size!r}")
         height, width = self.image_size
         if height <= 0 or width <= 0 or height % self.stride or width % self.stride:
             raise DeployError(f"image size {height}x{width} must be positive multiples of {self.stride}")
-        if not 0.0 < self.threshold < 1.0:
-            raise DeployError(f"threshold must be in (0, 1), got {self.threshold}")
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -116,20 +127,29 @@ class DeploySpec:
         Raises:
             DeployError: not a deploy spec, an unknown version or a missing field (naming ``source``).
         """
+        if not isinstance(data, dict):
+            raise DeployError(f"{source}: expected a JSON object, got {type(data).__name__}; re-export with `cmgnet export`")
         if data.get("format") != _FORMAT or data.get("version") != _VERSION:
             raise DeployError(
                 f"{source}: not a cmgnet deploy spec of version {_VERSION} "
                 f"(format={data.get('format')!r}, version={data.get('version')!r}); re-export with `cmgnet export`"
             )
+        # Checked key by key first: a 1-element mean must be refused here, not fail every image later.
+        if problems := validate_fields({k: data[k] for k in ("image_size", "mean", "std", "threshold", "stride",
+                                                              "center_crop", "tta") if k in data}):
+            raise DeployError(f"{source}: malformed deploy spec: {'; '.join(problems)}; re-export with `cmgnet export`")
         try:
             text = TextSpec(**data["text"]) if data.get("text") is not None else None
             return cls(
                 model=data["model"], image_size=tuple(data["image_size"]), stride=int(data["stride"]),
                 mean=tuple(data["mean"]), std=tuple(data["std"]), threshold=float(data["threshold"]), text=text,
                 opset=data.get("opset"), model_config=data.get("model_config", {}),
+                center_crop=data.get("center_crop", False), text_regime=data.get("text_regime", "metadata"),
+                tta=data.get("tta", False),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise DeployError(f"{source}: malformed deploy spec ({err.__class__.__name__}: {err})") from err
+            what = f"missing key {err}" if isinstance(err, KeyError) else f"{err.__class__.__name__}: {err}"
+            raise DeployError(f"{source}: malformed deploy spec ({what}); re-export with `cmgnet export`") from err
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as JSON."""
@@ -156,31 +176,42 @@ class DeploySpec:
 
 def spec_for_model(
     model: Any,
-    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    threshold: float = DEFAULT_THRESHOLD,
+    image_size: int | tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    threshold: float | None = None,
+    *,
+    record: InferenceRecord | None = None,
 ) -> DeploySpec:
-    """The spec of an in-memory :class:`~cmgnet.model.SegmentationModel`.
+    """The spec of an in-memory :class:`~cmgnet.model.SegmentationModel`, from its inference record.
 
     Args:
         model: the network (its config gives stride and text encoder).
-        image_size: network input side, or ``(height, width)``; the training size (default 256).
-        mean, std: the normalisation used in training (``DataConfig.mean``/``std``).
-        threshold: probability threshold of the mask.
+        image_size: network input side, or ``(height, width)``; ``None``: the record's.
+        mean, std: normalisation; ``None``: the record's.
+        threshold: probability threshold of the mask; ``None``: the record's.
+        record: the inference contract (default: ``model.inference``, else the defaults:
+            256 px, ImageNet statistics, threshold 0.5).
 
     Returns:
         The spec, without text cache/weights entries (the exporter adds those).
     """
     config = model.config
+    record = record or getattr(model, "inference", None) or record_for_model(model)
+    if image_size is None:
+        image_size = record.image_size
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     text = None
     if getattr(model, "text_branch", None) is not None:
         encoder = model.text_branch.encoder
         text = TextSpec(model_id=encoder.model_id, max_length=encoder.max_length, hidden_size=encoder.hidden_size)
+    # "predicted" needs the diagnosis classifier, which serving does not run: default to metadata.
+    regime = record.text_regime if record.text_regime in ("none", "metadata", "oracle") else "metadata"
     return DeploySpec(
-        model=model.model_name, image_size=size, stride=config.stride, mean=tuple(mean), std=tuple(std),
-        threshold=threshold, text=text, model_config=dataclasses.asdict(config),
+        model=model.model_name, image_size=size, stride=getattr(config, "stride", record.stride),
+        mean=tuple(record.mean if mean is None else mean), std=tuple(record.std if std is None else std),
+        threshold=record.threshold if threshold is None else threshold, text=text,
+        model_config=dataclasses.asdict(config), center_crop=record.center_crop, text_regime=regime, tta=record.tta,
     )
 
 

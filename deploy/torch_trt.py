@@ -29,7 +29,7 @@ from cmgnet import kernels
 from cmgnet.model import SegmentationModel
 
 from .errors import BackendUnavailableError, DeployError
-from .spec import DeploySpec
+from .spec import DeploySpec, file_sha256
 from .trt_engine import (
     EngineMetadata,
     bundle_checks,
@@ -137,9 +137,29 @@ def compile_torch_tensorrt(
         torch_version=torch.__version__,
         torch_tensorrt_version=torch_tensorrt.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        artifact_sha256=file_sha256(out_path),
     )
     meta.save(metadata_path(out_path))
     return meta
+
+
+def verify_program_hash(path: Path, metadata: EngineMetadata) -> None:
+    """Refuse an ``.ep`` file that is not byte-for-byte the one the project's export wrote.
+
+    ``torch.export.load`` unpickles parts of the file, so it must come from a trusted source;
+    the SHA-256 recorded by :func:`compile_torch_tensorrt` is checked before anything is loaded.
+
+    Raises:
+        DeployError: no recorded hash, or the file's hash differs.
+    """
+    if metadata.artifact_sha256 is None:
+        raise DeployError(f"{path}: its metadata {metadata_path(path).name} records no SHA-256, so the file cannot be "
+                          "checked before torch unpickles it; recompile it with `cmgnet export --torch-tensorrt`")
+    actual = file_sha256(path)
+    if actual != metadata.artifact_sha256:
+        raise DeployError(f"{path}: SHA-256 {actual[:12]}... differs from {metadata.artifact_sha256[:12]}... recorded in "
+                          f"{metadata_path(path).name} at export: not the file the project wrote, refusing to "
+                          "unpickle it; recompile it with `cmgnet export --torch-tensorrt`")
 
 
 class TorchTensorRTRunner:
@@ -158,6 +178,7 @@ class TorchTensorRTRunner:
         self.metadata = EngineMetadata.load(metadata_path(self.path))
         if self.metadata.kind != "torch-tensorrt":
             raise DeployError(f"{self.path}: metadata describes a {self.metadata.kind!r} artefact, not torch-tensorrt")
+        verify_program_hash(self.path, self.metadata)
         require_torch_tensorrt()  # registers the TensorRT engine op that torch.export.load needs
         env = current_environment(require_tensorrt())
         bundle_spec, _ = bundle_checks(self.path)

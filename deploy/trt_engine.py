@@ -133,6 +133,8 @@ class EngineMetadata:
         torch_tensorrt_version: torch-tensorrt that compiled it.
         created: UTC build time (ISO 8601).
         cmgnet_version: package version that built it.
+        artifact_sha256: hash of the engine/program file itself; torch-tensorrt programs are
+            unpickled by ``torch.export.load``, so one whose hash differs is never opened.
     """
 
     kind: str
@@ -149,6 +151,7 @@ class EngineMetadata:
     torch_tensorrt_version: str | None = None
     created: str = ""
     cmgnet_version: str = dataclasses.field(default_factory=lambda: _package_version())
+    artifact_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -162,6 +165,8 @@ class EngineMetadata:
         Raises:
             DeployError: not engine metadata, another version, or missing/malformed fields.
         """
+        if not isinstance(data, dict):
+            raise DeployError(f"{source}: expected a JSON object, got {type(data).__name__}; {_REBUILD}")
         if data.get("format") != _METADATA_FORMAT or data.get("version") != _METADATA_VERSION:
             raise DeployError(
                 f"{source}: not cmgnet engine metadata of version {_METADATA_VERSION} "

@@ -1,4 +1,8 @@
-"""``cmgnet data check <dir>``: validate a dataset and print what it holds."""
+"""``cmgnet data check <dir>``: validate a dataset and print what it holds.
+
+Besides every image and mask, it reports mask files that belong to no image (a renamed or
+deleted image) and, with ``--split-csv``, ids in the split file that are not in the dataset.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,14 @@ import argparse
 import os
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
+from cmgnet.errors import cli_entry
+
+from .csvfiles import find_column, read_csv
 from .errors import DataError
-from .imageio import DEFAULT_MAX_PIXELS
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from .metadata import ID_COLUMNS
 from .readers import FORMATS, detect_format, read_dataset
 from .records import LesionRecord
 from .validate import LEVELS, ValidationReport, validate_records
@@ -26,7 +35,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--level", default="full", choices=LEVELS, help="header: sizes only; full: decode every file")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image accepted")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument("--split-csv", metavar="CSV", help="also check a split file (image_id, split) against the data")
     return parser
+
+
+def orphan_masks(records: Sequence[LesionRecord]) -> list[DataError]:
+    """Mask files in the dataset's mask folders that no image claims (one error per file).
+
+    Args:
+        records: the dataset's records (their ``mask_path`` folders are the ones searched).
+
+    Returns:
+        One :class:`DataError` per orphaned mask, sorted by path.
+    """
+    claimed = {r.mask_path.resolve() for r in records if r.mask_path is not None}
+    folders = {r.mask_path.parent for r in records if r.mask_path is not None}
+    images = {r.image_path.resolve() for r in records}
+    found = []
+    for folder in sorted(folders):
+        for path in sorted(folder.iterdir()):
+            resolved = path.resolve()
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and resolved not in claimed \
+                    and resolved not in images:
+                found.append(DataError("mask without an image (no image with this id in the dataset)", path))
+    return found
+
+
+def unknown_split_ids(path: str | Path, records: Sequence[LesionRecord]) -> list[DataError]:
+    """Rows of a split CSV whose image id is not in the dataset (one error per row).
+
+    Raises:
+        DataError: the file cannot be read or lacks an id column.
+    """
+    columns, rows = read_csv(Path(path))
+    id_column = find_column(columns, ID_COLUMNS)
+    if id_column is None:
+        raise DataError(f"split CSV needs an image_id column; found {columns}", path, 1)
+    known = {r.image_id for r in records}
+    return [DataError(f"image id {row[id_column].strip()!r} is not in the dataset", path, line)
+            for line, row in rows if row[id_column].strip() not in known]
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -73,6 +120,7 @@ def summarize(records: Sequence[LesionRecord], report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check.
 
@@ -92,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = validate_records(
         records, level=args.level, max_pixels=args.max_pixels, require_masks=False, workers=args.workers
     )
+    report.errors += orphan_masks(records)
+    if args.split_csv:
+        report.errors += unknown_split_ids(args.split_csv, records)
     print(f"dataset: {args.root} (format {layout}, {len(records)} images, {args.level} check)\n")
     print(summarize(records, report))
     if report.errors:

@@ -46,8 +46,11 @@ class DataConfig:
         seed: seed of the paper protocols' split and of shuffling/augmentation draws.
         mean: per-channel normalisation mean (images scaled to 0..1).
         std: per-channel normalisation standard deviation.
-        validate: files checked when a loader is built: ``header`` (sizes, formats, masks
-            present and matching, pixel limit; fast) or ``full`` (also decodes everything).
+        validate: files checked before training starts and when a loader is built: ``full``
+            (default: decodes every image and mask once, so a truncated JPEG or a grey-level
+            mask fails before the first step, not mid-epoch; results are cached by file size
+            and mtime, so reruns are instant) or ``header`` (sizes, formats, masks present and
+            matching, pixel limit only).
         max_pixels: images larger than this are refused before decoding.
         dali_device: where the DALI pipeline runs: ``gpu`` (mixed decode + GPU operators),
             ``cpu``, or ``auto`` (GPU when CUDA is available).
@@ -68,7 +71,7 @@ class DataConfig:
     seed: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    validate: str = "header"
+    validate: str = "full"
     max_pixels: int = DEFAULT_MAX_PIXELS
     dali_device: str = "auto"
 

@@ -44,7 +44,10 @@ def _open(source: Path | io.BytesIO, path: Path, max_pixels: int) -> Image.Image
         raise DataError("file not found", path) from None
     except Image.DecompressionBombError:
         raise _too_large(f"larger than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP", path, max_pixels) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except UnidentifiedImageError:
+        # PIL names the in-memory buffer (<_io.BytesIO object at ...>), not the file: say it ourselves.
+        raise DataError("unreadable image: not a recognised image format (or corrupt header)", path) from None
+    except (OSError, SyntaxError) as error:
         raise DataError(f"unreadable image: {error}", path) from None
     if image.width * image.height > max_pixels:
         image.close()

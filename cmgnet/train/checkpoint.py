@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from cmgnet.errors import CheckpointError, load_safetensors
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -96,8 +98,46 @@ def save_state(state: Any, directory: Path, name: str) -> None:
 def load_state(directory: Path, name: str) -> Any:
     """Read what :func:`save_state` wrote (safetensors + JSON only: no unpickling)."""
     tensor_file = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+    tensors = load_safetensors(tensor_file, f"{name} state") if tensor_file.exists() else {}
+    path = directory / f"{name}.json"
+    try:
+        return _decode(json.loads(path.read_text()), tensors)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"unreadable {name} state ({err.__class__.__name__}: {err})", path) from err
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """What is wrong with a checkpoint directory, or ``None`` when it looks loadable.
+
+    Cheap: JSON files are parsed, safetensors headers read (a truncated file fails there);
+    DeepSpeed shards are not inspected.
+
+    Returns:
+        One line naming the bad file, or ``None``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    state = directory / "trainer_state.json"
+    try:
+        data = json.loads(state.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+            return f"{state}: not a trainer state (expected a JSON object with global_step)"
+    except (OSError, ValueError) as err:
+        return f"{state}: unreadable ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    for path in sorted(directory.rglob("*.safetensors")):
+        if "deepspeed" in path.relative_to(directory).parts:
+            continue
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            return f"{path}: corrupt or truncated ({str(err).splitlines()[0] if str(err) else 'empty'})"
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return f"{path}: unreadable JSON ({err.__class__.__name__})"
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -216,6 +256,16 @@ class CheckpointManager:
         done = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE).exists())
         for old in [p for p in done if p != keep][: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Every complete checkpoint, oldest first (the ``latest`` pointer's one last)."""
+        done = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE).exists())
+        pointer = self.root / LATEST
+        if pointer.exists():
+            named = self.root / pointer.read_text().strip()
+            if named in done:
+                done = [p for p in done if p != named] + [named]
+        return done
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or ``None``."""

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cmgnet.errors import cli_entry
+
 TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
 
 
@@ -62,6 +64,7 @@ def _print_config(cfg) -> int:
     return 0
 
 
+@cli_entry
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``cmgnet train --config configs/<name>.yaml [key=value ...]``."""
     parser = _config_parser("Train CMG-Net (or a baseline) from a YAML config.")
@@ -102,6 +105,7 @@ def _find_weights(checkpoint: Path) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {checkpoint}, {checkpoint}/best or {checkpoint}/model")
 
 
+@cli_entry
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``cmgnet evaluate --checkpoint runs/<run>/best [--split test] [--text-regime ...]``."""
     parser = _config_parser("Evaluate saved weights on any split and text regime.")
@@ -173,6 +177,7 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
     if (weights / CLASSIFIER_DIR).exists():
         classifier = accelerator.prepare_model(DiagnosisClassifier.load(weights / CLASSIFIER_DIR), evaluation_mode=True)
     data = DataModule(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+    data.validate(splits)  # a bad file is an error, not a silently skipped split
     output = output or weights / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     evaluator = Evaluator(cfg, model, data, accelerator, classifier)
     main = accelerator.is_main_process
@@ -199,6 +204,7 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
     return results
 
 
+@cli_entry
 def ablate_main(argv: Sequence[str] | None = None) -> int:
     """``cmgnet ablate --config configs/<name>.yaml [--variants full no_masa ...] [key=value ...]``."""
     from .ablate import VARIANTS, run_ablation

@@ -72,6 +72,30 @@ class DataModule:
             self._eval[key] = loader
         return self._eval[key]
 
+    def validate(self, splits: Iterable[str]) -> None:
+        """Check every file of the given splits at ``cfg.validate`` level, before any training step.
+
+        A split the dataset does not have is left out (evaluation skips it too).
+
+        Raises:
+            DataError: the files that fail, each named (see ``cmgnet data check`` for all of them).
+        """
+        from cmgnet.data.errors import DataError
+        from cmgnet.data.protocols import resolve_split
+        from cmgnet.data.validate import validate_records
+
+        cfg = self.cfg
+        records: dict[int, Any] = {}
+        for split in dict.fromkeys(splits):
+            try:
+                samples = resolve_split(self.records, split, cfg.protocol, seed=cfg.seed, split_csv=cfg.split_csv)
+            except DataError:
+                continue
+            records.update({id(s.record): s.record for s in samples})
+        report = validate_records(list(records.values()), level=cfg.validate, max_pixels=cfg.max_pixels,
+                                  workers=max(1, cfg.num_workers))
+        report.raise_if_failed()
+
     def diagnoses(self, split: str) -> dict[str, str | None]:
         from cmgnet.data.protocols import resolve_split
 

@@ -42,6 +42,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, broadcast_object_list, set_seed
 from torch import Tensor
 
+from cmgnet.errors import CheckpointError
+from cmgnet.inference import record_from_experiment
 from cmgnet.model import SegmentationModel, create_model
 from cmgnet.model.base import WEIGHTS_NAME
 
@@ -181,10 +183,15 @@ class Trainer:
         # Identical initial weights everywhere, then per-rank streams (modality dropout etc.).
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
         model = create_model(cfg.arch, **dataclasses.asdict(cfg.model))
+        # The inference contract, saved with every checkpoint and best/ (cmgnet.inference).
+        model.inference = record_from_experiment(model, cfg)
         if acc.num_processes > 1 and cfg.train.sync_batchnorm and acc.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.data is None:
             self.data = DataModule(cfg.data, acc.process_index, acc.num_processes, cfg.train.seed)
+        if hasattr(self.data, "validate"):
+            # Every file of every split this run reads, before the first step: a bad file must not end a long run.
+            self.data.validate(["train", cfg.eval.val_split, *cfg.eval.splits])
         self.classifier = self._build_classifier()
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
@@ -246,9 +253,23 @@ class Trainer:
         resume = self.cfg.train.resume
         if resume == "":
             return None
-        if resume == "auto":
-            return self.checkpoints.latest()
-        return ckpt.resolve_checkpoint(resume)
+        if resume != "auto":
+            path = ckpt.resolve_checkpoint(resume)
+            if problem := ckpt.verify_checkpoint(path):
+                raise CheckpointError(f"cannot resume: {problem}")
+            return path
+        # Newest first; a damaged one (truncated weights, garbage state) is reported and the previous one used.
+        candidates = self.checkpoints.complete()
+        for path in reversed(candidates):
+            problem = ckpt.verify_checkpoint(path)
+            if problem is None:
+                return path
+            self.log(f"warning: skipping checkpoint {path}: {problem}")
+        if candidates:
+            raise CheckpointError(f"no usable checkpoint among {len(candidates)}: all are damaged (see the warnings); "
+                                  "delete them to start over, or set train.resume= to start fresh elsewhere",
+                                  self.checkpoints.root)
+        return None
 
     # ------------------------------------------------------------------ checkpoints
     def _unwrapped(self) -> SegmentationModel:

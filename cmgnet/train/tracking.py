@@ -21,12 +21,9 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 from .config import LoggingConfig
 
@@ -93,6 +90,38 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
             return None
 
     return wrapper
+
+
+PYFUNC_REQUIREMENTS = ("cmgnet", "torch", "transformers", "safetensors", "numpy", "pandas", "pillow", "mlflow")
+
+
+def pinned_requirements(names: tuple[str, ...] = PYFUNC_REQUIREMENTS) -> list[str]:
+    """``name==version`` of each installed distribution (a name alone where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def pyfunc_input_example(checkpoint_dir: str | Path) -> Any:
+    """One grey PNG at the model's recorded input size, with the neutral sentence, as a DataFrame."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from cmgnet.inference import InferenceRecord
+    from cmgnet.text import NEUTRAL_SENTENCE
+
+    record = InferenceRecord.load(checkpoint_dir) or InferenceRecord()
+    buffer = io.BytesIO()
+    Image.new("RGB", tuple(reversed(record.image_size)), (128, 100, 90)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()], "text": [NEUTRAL_SENTENCE]})
 
 
 class Tracker:
@@ -171,33 +200,32 @@ class Tracker:
 
     @_guarded
     def log_model(self, checkpoint_dir: str | Path, name: str = "model") -> str:
-        """Log a ``save_pretrained`` directory as an MLflow pyfunc model.
+        """Log a ``save_pretrained`` directory as an MLflow pyfunc model (raw images in, masks out).
+
+        The model applies the checkpoint's inference contract (``inference.json``): see
+        :mod:`cmgnet.train.pyfunc_model`. An input example (one small image) and pinned
+        requirements are logged with it.
 
         Returns:
             The model URI (``runs:/<run_id>/<name>``... as MLflow reports it).
         """
         import mlflow
         from mlflow.models import ModelSignature
-        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-        from cmgnet.text import NEUTRAL_SENTENCE
+        from mlflow.types import ColSpec, Schema
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1), "probability")]),
-            params=ParamSchema([ParamSpec("text", "string", [NEUTRAL_SENTENCE], (-1,))]),
+            inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "text", required=False)]),
+            outputs=Schema([ColSpec("double", "lesion_fraction"), ColSpec("string", "sentence")]),
         )
-        with warnings.catch_warnings():
-            # No input example on purpose: it would load and run the model while logging.
-            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-                artifacts={"checkpoint": str(checkpoint_dir)},
-                signature=signature,
-                # Explicit requirements: inferring them would load the model in a subprocess.
-                pip_requirements=["cmgnet", "torch", "transformers", "safetensors", "numpy", "mlflow"],
-            )
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            signature=signature,
+            input_example=pyfunc_input_example(checkpoint_dir),
+            # Explicit and pinned: inferring them would load the model in a subprocess.
+            pip_requirements=pinned_requirements(),
+        )
         return info.model_uri
 
     @_guarded
