@@ -50,6 +50,7 @@ from cmgnet.text.pseudo_text import TEMPLATES
 from .errors import BackendUnavailableError, DeployError
 from .runtime import Segmenter, load_image, onnxruntime_session, preprocess, resolve_model_path
 from .spec import (
+    DEFAULT_OPSET,
     ENGINE_NAME,
     IMAGE_INPUT,
     INT8_ONNX_NAME,
@@ -64,7 +65,6 @@ from .spec import (
     spec_for_model,
 )
 
-DEFAULT_OPSET = 18
 STANDARD_SENTENCES = tuple(dict.fromkeys([NEUTRAL_SENTENCE, *TEMPLATES.values()]))
 """Sentences whose features every bundle carries: the neutral one and each diagnosis template."""
 
@@ -337,43 +337,10 @@ def log_to_mlflow(directory: Path, run_id: str, tracking_uri: str | None = None,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cmgnet export", description="Export a checkpoint to ONNX (+ int8, TensorRT, torch-tensorrt).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
-    parser.add_argument("--out", required=True, help="bundle directory to write")
-    pre = parser.add_argument_group("pre/post-processing (default: the checkpoint's inference.json; "
-                                    "a different value needs --force)")
-    pre.add_argument("--image-size", type=int, default=None, help="network input side")
-    pre.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
-    pre.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
-    pre.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
-    pre.add_argument("--force", action="store_true", help="accept values that contradict the checkpoint's record")
-    onnx_args = parser.add_argument_group("ONNX")
-    onnx_args.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
-    onnx_args.add_argument("--static-size", action="store_true", help="fix H/W to --image-size (only batch dynamic)")
-    onnx_args.add_argument("--verify-batches", type=int, nargs="*", default=[1, 2, 4],
-                           help="batch sizes of the ONNX Runtime vs PyTorch check (none: skip)")
-    onnx_args.add_argument("--sentences", help="text file, one sentence per line, to precompute besides the templates")
-    onnx_args.add_argument("--int8-calibration", nargs="+", metavar="IMAGES",
-                           help="image files/folders: also write model.int8.onnx calibrated on them (CPU serving)")
-    onnx_args.add_argument("--calibration-count", type=int, default=32, help="images used for int8 calibration")
-    trt = parser.add_argument_group("TensorRT (GPU machine with TensorRT >= 10)")
-    trt.add_argument("--tensorrt", choices=["auto", "require", "skip"], default="auto",
-                     help="build model.engine: when available / or fail / never")
-    trt.add_argument("--precision", choices=["fp16", "bf16", "fp32", "typed"], default="fp16",
-                     help="engine precision (typed: as the ONNX is typed, for TensorRT 11+)")
-    trt.add_argument("--max-batch", type=int, default=32, help="optimisation profile: batch 1..max")
-    trt.add_argument("--opt-batch", type=int, default=None, help="batch to tune for (default: min(8, max-batch))")
-    trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit")
-    trt.add_argument("--timing-cache", help="timing cache file (default ~/.cache/cmgnet/tensorrt-<ver>-sm<cc>...)")
-    trt.add_argument("--torch-tensorrt", action="store_true", help="also compile model_trt.ep with torch-tensorrt")
-    ml = parser.add_argument_group("MLflow")
-    ml.add_argument("--mlflow-run-id",
-                    help="log the bundle as artifacts of this run (skipped with a warning if MLflow is absent)")
-    ml.add_argument("--mlflow-tracking-uri", help="the run's tracking store, e.g. sqlite:///runs/mlflow.db")
-    return parser
+    """The ``cmgnet export`` parser (defined in :mod:`cmgnet.deploy.cli`, which imports no torch)."""
+    from .cli import export_parser
+
+    return export_parser()
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -119,38 +119,10 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cmgnet predict", description="Segment images: mask PNGs, overlays and a statistics CSV.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("model", help="checkpoint dir, exported bundle dir, or .onnx/.engine/.ep file")
-    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .txt lists of paths")
-    parser.add_argument("--out", required=True, help="output folder")
-    text = parser.add_mutually_exclusive_group()
-    text.add_argument("--text", help="one sentence for every image")
-    text.add_argument("--metadata", nargs="+",
-                      help="metadata CSV(s) with image_id + diagnosis/age/sex/site/description")
-    parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default=None,
-                        help="what metadata may contribute to the sentence (oracle = also the diagnosis); "
-                             "default: the model's recorded regime")
-    parser.add_argument("--tta", action="store_true", default=None,
-                        help="flip test-time augmentation (default: as recorded for the model)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per network call")
-    contract = parser.add_argument_group("inference contract (default: recorded with the model; "
-                                         "a different value needs --force)")
-    contract.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
-    contract.add_argument("--image-size", type=int, default=None, help="network input side")
-    contract.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
-    contract.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
-    contract.add_argument("--force", action="store_true", help="accept values that contradict the model's record")
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--no-overlays", action="store_true", help="write masks and CSV only")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+    """The ``cmgnet predict`` parser (defined in :mod:`cmgnet.deploy.cli`, which imports no torch)."""
+    from .cli import predict_parser
+
+    return predict_parser()
 
 
 def existing_results(out: Path) -> list[Path]:

@@ -66,8 +66,7 @@ from .spec import (
     spec_for_model,
 )
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "torch-tensorrt")
-SEGMENTER_TEXT_REGIMES = ("none", "metadata", "oracle")  # "predicted" needs a classifier, not part of serving
+from .spec import BACKENDS, SEGMENTER_TEXT_REGIMES  # noqa: E402 - defined beside the spec (torch-free)
 
 ImageInput = str | Path | Image.Image | np.ndarray
 

@@ -44,6 +44,9 @@ TEXT_INPUTS = ("text_features", "text_mask")
 OUTPUT_NAME = "logits"
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_OPSET = 18  # the lowest opset PyTorch's torch.export-based exporter emits; TensorRT >= 10 parses it
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "torch-tensorrt")
+SEGMENTER_TEXT_REGIMES = ("none", "metadata", "oracle")  # "predicted" needs a classifier, not part of serving
 
 _FORMAT = "cmgnet-deploy"
 _VERSION = 1

@@ -539,11 +539,3 @@ class TensorRTRunner:
         stream.synchronize()
         return out.float().cpu()
 
-
-def tensorrt_status() -> str:
-    """One line naming TensorRT and the GPU, or why they are unavailable (for CLIs and benchmarks)."""
-    try:
-        env = current_environment(require_tensorrt())
-    except BackendUnavailableError as err:
-        return f"TensorRT unavailable: {str(err).split('. ')[0]}"
-    return f"TensorRT {env.tensorrt_version} on {env.gpu_name} (sm_{''.join(map(str, env.compute_capability))})"

@@ -26,7 +26,14 @@ _NONE = "(none)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmgnet data check", description=__doc__)
+    from cmgnet.cliargs import make_parser
+
+    parser = make_parser("cmgnet data check", "Validate every image, mask and metadata row of a dataset and print "
+                         "counts per split and diagnosis; exit code 1 lists every problem.", [
+        "cmgnet data check data/ISIC2017",
+        "cmgnet data check ../shared/data/isic2018-256 --metadata ../shared/data/isic2017-metadata",
+        "cmgnet data check my_folder --format folder --level header",
+    ])
     parser.add_argument("root", help="dataset folder")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="layout (default: detect)")
     parser.add_argument(

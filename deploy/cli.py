@@ -1,0 +1,122 @@
+"""Argument parsers of ``cmgnet export`` and ``cmgnet predict``, importable without torch.
+
+:mod:`cmgnet.deploy.export` and :mod:`cmgnet.deploy.predict` import torch, ONNX and the model
+at module level; their parsers live here so that ``--help`` and usage errors answer before
+any of that loads. :func:`export_main` and :func:`predict_main` parse, then hand the same
+arguments to the real command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cmgnet.cliargs import add_out_argument, make_parser
+from cmgnet.errors import DEBUG_FLAG
+
+from .spec import BACKENDS, DEFAULT_OPSET, SEGMENTER_TEXT_REGIMES
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """The ``cmgnet export`` parser."""
+    parser = make_parser('cmgnet export', 'Export a checkpoint to a deployment bundle: ONNX (checked against PyTorch with ONNX Runtime), text features, optionally an int8 ONNX and a TensorRT engine / torch-tensorrt program.', [
+        'cmgnet export runs/demo/best --out exported/',
+        'cmgnet export runs/demo/best --out exported/ --int8-calibration images/ --tensorrt skip',
+        'cmgnet export runs/isic2017/best --out exported/ --tensorrt require --precision fp16 --max-batch 32',
+        'cmgnet export runs/demo/best --out exported/ --mlflow-run-id RUN --mlflow-tracking-uri sqlite:///runs/mlflow.db',
+    ])
+    parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
+    add_out_argument(parser, "bundle directory to write", required=True)
+    pre = parser.add_argument_group("pre/post-processing (default: the checkpoint's inference.json; "
+                                    "a different value needs --force)")
+    pre.add_argument("--image-size", type=int, default=None, help="network input side")
+    pre.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
+    pre.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
+    pre.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
+    pre.add_argument("--force", action="store_true", help="accept values that contradict the checkpoint's record")
+    onnx_args = parser.add_argument_group("ONNX")
+    onnx_args.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
+    onnx_args.add_argument("--static-size", action="store_true", help="fix H/W to --image-size (only batch dynamic)")
+    onnx_args.add_argument("--verify-batches", type=int, nargs="*", default=[1, 2, 4],
+                           help="batch sizes of the ONNX Runtime vs PyTorch check (none: skip)")
+    onnx_args.add_argument("--sentences", help="text file, one sentence per line, to precompute besides the templates")
+    onnx_args.add_argument("--int8-calibration", nargs="+", metavar="IMAGES",
+                           help="image files/folders: also write model.int8.onnx calibrated on them (CPU serving)")
+    onnx_args.add_argument("--calibration-count", type=int, default=32, help="images used for int8 calibration")
+    trt = parser.add_argument_group("TensorRT (GPU machine with TensorRT >= 10)")
+    trt.add_argument("--tensorrt", choices=["auto", "require", "skip"], default="auto",
+                     help="build model.engine: when available / or fail / never")
+    trt.add_argument("--precision", choices=["fp16", "bf16", "fp32", "typed"], default="fp16",
+                     help="engine precision (typed: as the ONNX is typed, for TensorRT 11+)")
+    trt.add_argument("--max-batch", type=int, default=32, help="optimisation profile: batch 1..max")
+    trt.add_argument("--opt-batch", type=int, default=None, help="batch to tune for (default: min(8, max-batch))")
+    trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit")
+    trt.add_argument("--timing-cache", help="timing cache file (default ~/.cache/cmgnet/tensorrt-<ver>-sm<cc>...)")
+    trt.add_argument("--torch-tensorrt", action="store_true", help="also compile model_trt.ep with torch-tensorrt")
+    ml = parser.add_argument_group("MLflow")
+    ml.add_argument("--mlflow-run-id",
+                    help="log the bundle as artifacts of this run (skipped with a warning if MLflow is absent)")
+    ml.add_argument("--mlflow-tracking-uri", help="the run's tracking store, e.g. sqlite:///runs/mlflow.db")
+    return parser
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    """The ``cmgnet predict`` parser."""
+    parser = make_parser('cmgnet predict', 'Segment images: mask PNGs at the original size, overlays and a statistics CSV. The exit code is 1 if any image failed (the others are still written).', [
+        'cmgnet predict exported/ images/ --out predictions/',
+        "cmgnet predict runs/demo/best lesion.jpg --text 'Lesion on the back of a 55-year-old male patient.' --out p/",
+        'cmgnet predict exported/ images/ --metadata images/metadata.csv --backend onnxruntime --out predictions/',
+    ])
+    parser.add_argument("model", help="checkpoint dir, exported bundle dir, or .onnx/.engine/.ep file")
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .txt lists of paths")
+    add_out_argument(parser, "output folder", required=True)
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text", help="one sentence for every image")
+    text.add_argument("--metadata", nargs="+",
+                      help="metadata CSV(s) with image_id + diagnosis/age/sex/site/description")
+    parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default=None,
+                        help="what metadata may contribute to the sentence (oracle = also the diagnosis); "
+                             "default: the model's recorded regime")
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="flip test-time augmentation (default: as recorded for the model)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network call")
+    contract = parser.add_argument_group("inference contract (default: recorded with the model; "
+                                         "a different value needs --force)")
+    contract.add_argument("--threshold", type=float, default=None, help="mask probability threshold")
+    contract.add_argument("--image-size", type=int, default=None, help="network input side")
+    contract.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
+    contract.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
+    contract.add_argument("--force", action="store_true", help="accept values that contradict the model's record")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--no-overlays", action="store_true", help="write masks and CSV only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str] | None:
+    """Parse once here (``--help`` and usage errors exit before heavy imports); pass ``argv`` on."""
+    if argv is not None:
+        argv = list(argv)
+    parser.parse_args([a for a in (sys.argv[1:] if argv is None else argv) if a != DEBUG_FLAG])
+    return argv
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet export``: see :func:`cmgnet.deploy.export.main`."""
+    argv = _checked(export_parser(), argv)
+    from .export import main
+
+    return main(argv)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet predict``: see :func:`cmgnet.deploy.predict.main`."""
+    argv = _checked(predict_parser(), argv)
+    from .predict import main
+
+    return main(argv)
