@@ -127,6 +127,8 @@ class SegmentationModel(nn.Module):
         if unknown := sorted(set(config) - fields):
             raise CheckpointError(f"unknown key(s) {', '.join(unknown)} in config of model {name!r}; "
                                   f"valid: {', '.join(sorted(fields))}", config_path)
+        if mistyped := _mistyped(_REGISTRY[name].config_class, config):
+            raise CheckpointError(f"mistyped value(s) in config of model {name!r}: {'; '.join(mistyped)}", config_path)
         try:
             model = create_model(name, **(config | overrides))
         except (TypeError, ValueError, KeyError) as err:  # mistyped values surface while building
@@ -134,6 +136,26 @@ class SegmentationModel(nn.Module):
         model.load_weights(directory / WEIGHTS_NAME)
         model.inference = InferenceRecord.load(directory)
         return model
+
+
+def _mistyped(config_class: type, values: dict[str, Any]) -> list[str]:
+    """``key: expected T, got v`` for values whose JSON type differs from the field default's."""
+    problems = []
+    for f in dataclasses.fields(config_class):
+        if f.name not in values or f.default is dataclasses.MISSING or f.default is None:
+            continue
+        value, kind = values[f.name], type(f.default)
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind in (tuple, list):
+            ok = isinstance(value, list)
+        elif kind in (bool, int, str):
+            ok = type(value) is kind
+        else:
+            continue
+        if not ok:
+            problems.append(f"{f.name}: expected {kind.__name__}, got {value!r}")
+    return problems
 
 
 def _first(err: BaseException) -> str:

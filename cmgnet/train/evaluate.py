@@ -313,19 +313,20 @@ class Evaluator:
         results: list[EvalResult] = []
         main = self.accelerator.is_main_process
         for split in splits:
+            try:  # a split the dataset lacks is skipped; a bad file in one that exists is an error
+                self.data.diagnoses(split)
+            except DataError as err:
+                if main:
+                    log(f"skipping split {split!r}: {err}")
+                continue
             for regime in text_regimes:
                 if regime == "predicted" and self.classifier is None:
                     if main:
                         log("skipping text regime 'predicted': no diagnosis classifier")
                     continue
                 out = out_root / f"{split}-{regime}" if out_root is not None else None
-                try:
-                    result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95,
-                                           overlay_dir=out / "overlays" if out else None, **info)
-                except DataError as err:
-                    if main:
-                        log(f"skipping split {split!r}: {err}")
-                    break
+                result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95,
+                                       overlay_dir=out / "overlays" if out else None, **info)
                 results.append(result)
                 if main and out is not None:
                     write_result(result, out)
