@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmgnet.model import CMGNet, SegmentationModel, create_model, list_models
+from cmgnet.model import CMGNet, SegmentationModel
 from cmgnet.text import NEUTRAL_SENTENCE
 
 SENTENCES = [
@@ -155,23 +155,7 @@ def test_eval_is_deterministic(make_tiny_config):
         assert torch.equal(net(x, text=SENTENCES[:2]), net(x, text=SENTENCES[:2]))
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_registered_model(name, make_tiny_config, tmp_path):
-    """The shared model contract: forward, backward, save/load round trip (no pickle)."""
-    overrides = {k: v for k, v in vars(make_tiny_config()).items() if k not in ("masa", "text", "cmfm", "alpha")}
-    net = create_model(name, **overrides)
-    x = torch.randn(2, 3, 32, 32)
-    net.train()
-    net(x).mean().backward()
-    for _ in range(2):  # move BN running stats away from their init
-        net(torch.randn(2, 3, 32, 32))
-    net.eval()
-    net.save_pretrained(tmp_path / name)
-    assert {p.name for p in (tmp_path / name).iterdir()} == {"config.json", "model.safetensors"}
-    loaded = SegmentationModel.from_pretrained(tmp_path / name).eval()
-    assert type(loaded) is type(net)
-    with torch.no_grad():
-        assert torch.equal(net(x), loaded(x))
+# The contract every registered model meets (forward, backward, save/load, ONNX): tests/test_models_shared.py
 
 
 def test_frozen_encoder_not_saved(make_tiny_config, tmp_path):

@@ -5,6 +5,7 @@ from .cmfm import CrossModalFusion, TextAdditionFusion
 from .cmgnet import CMGNet, UNet
 from .config import CMGNetConfig, UNetConfig
 from .masa import MultiAxisSelfAttention
+from . import baselines  # noqa: F401  (registers unetplusplus, transunet, swinunet, guidedecoder, lvit)
 
 __all__ = [
     "CMGNet",
