@@ -60,7 +60,12 @@ def test_bad_overrides_are_errors(override, error):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
+    if path.stem.startswith("compare-"):  # comparison configs: an experiment + a compare: section
+        from cmgnet.train.compare import load_compare_config
+
+        cfg, _ = load_compare_config(path)
+    else:
+        cfg = load_config(path)
     assert cfg.data.image_size % cfg.model.stride == 0
 
 

@@ -147,10 +147,12 @@ class Trainer:
             :class:`~cmgnet.train.data.DataModule` over ``cfg.data``).
         accelerator: reuse an accelerator (e.g. across ablation variants); built from ``cfg``
             otherwise.
+        run_tags: extra MLflow tags of the run (e.g. ``mlflow.parentRunId`` to nest it under a
+            comparison's parent run).
     """
 
     def __init__(self, cfg: ExperimentConfig, data: LoaderSource | None = None,
-                 accelerator: Accelerator | None = None) -> None:
+                 accelerator: Accelerator | None = None, run_tags: dict[str, str] | None = None) -> None:
         if cfg.data.text_regime_train == "predicted":
             raise ValueError("data.text_regime_train='predicted' is an evaluation regime: train with oracle, "
                              "metadata or none and evaluate with predicted")
@@ -162,6 +164,7 @@ class Trainer:
         self._stop = False
         self._pending_rng: dict[str, Any] | None = None
         self._window: list[float] = []
+        self.run_tags = dict(run_tags or {})
 
     # ------------------------------------------------------------------ setup
     @property
@@ -408,7 +411,7 @@ class Trainer:
                        "runtime.distributed_type": str(acc.distributed_type),
                        "runtime.mixed_precision": acc.mixed_precision,
                        "runtime.global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes})
-        tags = {**git_info(), "run_dir": str(self.run_dir.resolve())}
+        tags = {**git_info(), "run_dir": str(self.run_dir.resolve()), **self.run_tags}
         run_id = self.tracker.start(self.run_dir.name, params, tags, run_id=self.state.mlflow_run_id)
         self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
         self.tracker.log_artifact(self.run_dir / "config.yaml")
