@@ -1,10 +1,11 @@
 """CMG-Net and baselines; build by name with :func:`create_model`."""
 
-from .base import SegmentationModel, create_model, list_models, register_model
+from .base import SegmentationModel, convert_config, create_model, list_models, model_class, register_model
 from .cmfm import CrossModalFusion, TextAdditionFusion
-from .cmgnet import CMGNet, UNet
+from .cmgnet import CMGNet
 from .config import CMGNetConfig, UNetConfig
 from .masa import MultiAxisSelfAttention
+from .unet import UNet
 from . import baselines  # noqa: F401  (registers unetplusplus, transunet, swinunet, guidedecoder, lvit)
 
 __all__ = [
@@ -16,7 +17,9 @@ __all__ = [
     "TextAdditionFusion",
     "UNet",
     "UNetConfig",
+    "convert_config",
     "create_model",
     "list_models",
+    "model_class",
     "register_model",
 ]

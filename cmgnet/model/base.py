@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from cmgnet.errors import CheckpointError, load_safetensors
 from cmgnet.inference import INFERENCE_NAME, InferenceRecord
@@ -40,12 +40,29 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **config: Any) -> SegmentationModel:
-    """Build a registered model from keyword config values."""
+def model_class(name: str) -> type[SegmentationModel]:
+    """The registered class of ``name``."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **config: Any) -> SegmentationModel:
+    """Build a registered model from keyword config values."""
+    cls = model_class(name)
     return cls(cls.config_class(**config))
+
+
+def convert_config(config: Any, name: str, **overrides: Any) -> Any:
+    """``config`` as the config class of model ``name``, keeping the fields both have.
+
+    This is how an ablation turns a CMG-Net config into the U-Net baseline on the same
+    encoder and widths.
+    """
+    cls = model_class(name).config_class
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    shared = {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+    return cls(**(shared | overrides))
 
 
 class SegmentationModel(nn.Module):
@@ -68,6 +85,20 @@ class SegmentationModel(nn.Module):
 
     def external_state_prefixes(self) -> tuple[str, ...]:
         return ()
+
+    def check_input(self, image: Tensor) -> None:
+        """Raise ``ValueError`` unless the image sides are multiples of the network's stride."""
+        stride = self.config.stride
+        if image.shape[-2] % stride or image.shape[-1] % stride:
+            raise ValueError(f"image sides {tuple(image.shape[-2:])} must be multiples of {stride}")
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        if mode and getattr(self.config, "freeze_encoder_bn", False):
+            from .unet import freeze_batchnorm  # BatchNorm stays frozen through .train()
+
+            freeze_batchnorm(self.encoder)
+        return self
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -106,11 +137,18 @@ class SegmentationModel(nn.Module):
     def from_pretrained(directory: str | Path, **overrides: Any) -> SegmentationModel:
         """Rebuild a model saved by :meth:`save_pretrained` (any registered class), with its inference record.
 
+        Args:
+            directory: a saved model's folder, or the name of a shipped model
+                (:func:`cmgnet.model.hub.list_pretrained`, e.g. ``"isic-cmgnet-lite0"``).
+            **overrides: config values to change (e.g. ``text_cache_dir``).
+
         Raises:
             CheckpointError: a missing or malformed ``config.json`` (unknown model, unknown or
                 mistyped keys), unreadable weights or inference record; the message names the file.
         """
-        directory = Path(directory)
+        from .hub import resolve_pretrained
+
+        directory = resolve_pretrained(directory)  # a shipped model's name, or a folder
         config_path = directory / CONFIG_NAME
         try:
             saved = json.loads(config_path.read_text())
@@ -129,10 +167,14 @@ class SegmentationModel(nn.Module):
                                   f"valid: {', '.join(sorted(fields))}", config_path)
         if mistyped := _mistyped(_REGISTRY[name].config_class, config):
             raise CheckpointError(f"mistyped value(s) in config of model {name!r}: {'; '.join(mistyped)}", config_path)
+        # The saved weights replace any pretrained encoder's: do not read the ImageNet file.
+        build = config | ({"encoder_weights": "none"} if "encoder_weights" in config else {}) | overrides
         try:
-            model = create_model(name, **(config | overrides))
+            model = create_model(name, **build)
         except (TypeError, ValueError, KeyError) as err:  # mistyped values surface while building
             raise CheckpointError(f"bad config of model {name!r}: {_first(err)}", config_path) from err
+        if "encoder_weights" in config and "encoder_weights" not in overrides:
+            model.config.encoder_weights = config["encoder_weights"]  # as trained, for the record
         model.load_weights(directory / WEIGHTS_NAME)
         model.inference = InferenceRecord.load(directory)
         return model

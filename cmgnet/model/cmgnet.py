@@ -15,15 +15,19 @@ from torch import Tensor, nn
 
 from .base import SegmentationModel, register_model
 from .cmfm import CrossModalFusion, TextAdditionFusion
-from .config import CMGNetConfig, UNetConfig
+from .config import CMGNetConfig
 from .masa import MultiAxisSelfAttention
 from .text_branch import TextBranch
-from .unet import Encoder, UpBlock
+from .unet import UNetDecoder, build_encoder, freeze_batchnorm
 
 
 @register_model("cmgnet")
 class CMGNet(SegmentationModel):
     """CMG-Net with ablation switches (``masa``, ``text``, ``cmfm``, ``alpha`` in the config).
+
+    The encoder is pluggable (``encoder``: the paper's from-scratch U-Net encoder or an
+    ImageNet-pretrained EfficientNet-Lite); MASA runs on its bottleneck and CMFM at the
+    configured scales of the decoder, whichever encoder is chosen.
 
     Args:
         config: a :class:`CMGNetConfig`.
@@ -43,13 +47,12 @@ class CMGNet(SegmentationModel):
     def __init__(self, config: CMGNetConfig | None = None) -> None:
         config = config or CMGNetConfig()
         super().__init__(config)
-        widths = config.widths
-        self.encoder = Encoder(config.in_channels, widths)
-        self.masa = MultiAxisSelfAttention(widths[-1], config.masa_heads) if config.masa else None
-        self.decoder = nn.ModuleList(
-            UpBlock(widths[i + 1], widths[i], widths[i], config.bilinear) for i in reversed(range(config.depth))
-        )
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.encoder = build_encoder(config)
+        bottleneck = self.encoder.out_channels[-1]
+        self.masa = MultiAxisSelfAttention(bottleneck, config.masa_heads) if config.masa else None
+        self.decoder = UNetDecoder(self.encoder.out_channels, self.encoder.strides, config.decoder_channels,
+                                   config.bilinear)
+        self.head = nn.Conv2d(self.decoder.out_channels, 1, 1)
         self.text_branch = None
         self.fusion = nn.ModuleDict()
         if config.text:
@@ -58,7 +61,7 @@ class CMGNet(SegmentationModel):
                 config.modality_dropout, config.text_cache_dir,
             )
             for scale, layers in zip(config.fusion_scales, config.fusion_layers):
-                channels = widths[scale.bit_length() - 1]  # scale 2**i has widths[i] channels
+                channels = self.decoder.channels[scale]
                 self.fusion[str(scale)] = (
                     CrossModalFusion(
                         channels, config.fusion_dim, config.fusion_dim, config.fusion_heads, layers,
@@ -67,6 +70,8 @@ class CMGNet(SegmentationModel):
                     if config.cmfm
                     else TextAdditionFusion(channels, config.fusion_dim)
                 )
+        if config.freeze_encoder_bn:
+            freeze_batchnorm(self.encoder)
 
     def external_state_prefixes(self) -> tuple[str, ...]:
         frozen = self.text_branch is not None and self.config.freeze_text
@@ -86,34 +91,16 @@ class CMGNet(SegmentationModel):
         for real tokens: the form an exported engine takes). With neither, the neutral
         sentence is used; a model built with ``text=False`` ignores both.
         """
-        stride = self.config.stride
-        if image.shape[-2] % stride or image.shape[-1] % stride:
-            raise ValueError(f"image sides {tuple(image.shape[-2:])} must be multiples of {stride}")
-        skips, x = self.encoder(image)
+        self.check_input(image)
+        feats = self.encoder(image)
         if self.masa is not None:
-            x = self.masa(x)
+            feats[-1] = self.masa(feats[-1])
         tokens = mask = None
         if self.text_branch is not None:
             tokens, mask = self.text_branch(image.shape[0], text, text_features, text_mask)
-        x = self._fuse(x, stride, tokens, mask)
-        for up, skip in zip(self.decoder, reversed(skips)):
-            stride //= 2
-            x = self._fuse(up(x, skip), stride, tokens, mask)
-        return self.head(x)
 
-    def _fuse(self, x: Tensor, scale: int, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
-        key = str(scale)
-        return self.fusion[key](x, tokens, mask) if key in self.fusion else x
+        def fuse(x: Tensor, scale: int) -> Tensor:
+            key = str(scale)
+            return self.fusion[key](x, tokens, mask) if key in self.fusion else x
 
-
-@register_model("unet")
-class UNet(CMGNet):
-    """The plain U-Net baseline: CMG-Net with MASA, text, CMFM and the gate all switched off."""
-
-    config_class = UNetConfig
-
-    def __init__(self, config: CMGNetConfig | None = None) -> None:
-        config = config or UNetConfig()
-        if config.masa or config.text:
-            raise ValueError("UNet is CMG-Net with masa=False and text=False; use 'cmgnet' for the rest")
-        super().__init__(config)
+        return self.head(self.decoder(feats, self.encoder.strides, fuse))

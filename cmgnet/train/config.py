@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 
 from cmgnet.data.config import DataConfig
-from cmgnet.model import CMGNetConfig
+from cmgnet.model import CMGNetConfig, model_class
+from cmgnet.model.encoders import encoder_normalization
 
 
 @dataclass
@@ -48,6 +49,8 @@ class OptimConfig:
         poly_power: exponent of the ``polynomial`` schedule (nnU-Net uses 0.9).
         min_lr: final learning rate of the ``polynomial`` schedule.
         grad_clip: max global gradient norm; 0 disables clipping.
+        encoder_lr_mult: learning-rate factor of the image encoder's parameters (below 1
+            keeps a pretrained encoder close to its ImageNet weights).
     """
 
     name: str = "adamw"
@@ -61,6 +64,7 @@ class OptimConfig:
     poly_power: float = 0.9
     min_lr: float = 0.0
     grad_clip: float = 1.0
+    encoder_lr_mult: float = 1.0
 
 
 @dataclass
@@ -104,7 +108,16 @@ class TrainConfig:
             only; CPU processes keep per-process batch statistics).
         diagnosis_classifier: train the small diagnosis classifier beside the network when
             the ``predicted`` text regime is evaluated (see ``cmgnet.train.diagnosis``).
-        diagnosis_width: first-stage width of that classifier.
+        diagnosis_width: first-stage width of that classifier's from-scratch backbone.
+        diagnosis_encoder: its backbone: ``scratch`` or an encoder name (``efficientnet-lite0``,
+            ImageNet-pretrained).
+        diagnosis_image_size: side its input is resized to (0: the training size).
+        diagnosis_balanced: class-balanced (inverse-frequency) cross-entropy.
+        diagnosis_lr: its AdamW learning rate.
+        attention_backend: implementation of every attention op (``cmgnet.kernels``): ``auto``,
+            ``sdpa``, ``reference`` or ``triton``; ``""`` keeps the process setting
+            (``CMGNET_ATTENTION``, else ``auto``). The backend in effect is logged as the
+            ``runtime.attention_backend`` parameter.
     """
 
     epochs: int = 100
@@ -123,6 +136,18 @@ class TrainConfig:
     sync_batchnorm: bool = True
     diagnosis_classifier: bool = True
     diagnosis_width: int = 16
+    diagnosis_encoder: str = "scratch"
+    diagnosis_image_size: int = 0
+    diagnosis_balanced: bool = True
+    diagnosis_lr: float = 1e-3
+    attention_backend: str = ""
+
+    def __post_init__(self) -> None:
+        from cmgnet.kernels import BACKENDS
+
+        if self.attention_backend not in ("", *BACKENDS):
+            raise ValueError(f"train.attention_backend: {self.attention_backend!r} is not one of {BACKENDS} "
+                             "(or '' for the CMGNET_ATTENTION environment variable)")
 
 
 @dataclass
@@ -138,6 +163,8 @@ class EvalConfig:
         hd95: compute HD95 in the final evaluation (validation skips it for speed).
         overlays: overlay PNGs (prediction vs ground truth) written per evaluation.
         batch_size: evaluation batch per process (0: ``train.batch_size``).
+        tta: flip test-time augmentation in the final evaluation (4 forwards per image;
+            validation during training never uses it).
     """
 
     val_split: str = "val"
@@ -147,6 +174,7 @@ class EvalConfig:
     hd95: bool = True
     overlays: int = 8
     batch_size: int = 0
+    tta: bool = False
 
 
 @dataclass
@@ -181,15 +209,16 @@ class ExperimentConfig:
 
     Args:
         name: experiment name (run-name prefix, MLflow run name).
-        arch: registered model name (``cmgnet`` or ``unet``; see ``cmgnet.model.list_models``).
-        model: :class:`~cmgnet.model.CMGNetConfig` fields.
+        arch: registered model name (``cmgnet``, ``unet``, ...; see ``cmgnet.model.list_models``).
+        model: the fields of that model's config class (``CMGNetConfig`` for ``cmgnet``,
+            ``UNetConfig`` for ``unet``): the section is typed by ``arch``.
         data: :class:`~cmgnet.data.config.DataConfig` fields.
         optim, loss, train, eval, logging: the sections above.
     """
 
     name: str = "cmgnet"
     arch: str = "cmgnet"
-    model: CMGNetConfig = field(default_factory=CMGNetConfig)
+    model: Any = field(default_factory=CMGNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -336,10 +365,27 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ValueError(f"cannot read config {path}: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config file must be a mapping, got {type(raw).__name__}")
+    _relative_to_file(raw, path.parent)
     base = raw.pop("base", None)
     if base is None:
         return raw
     return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+
+
+FILE_RELATIVE_KEYS: tuple[tuple[str, str], ...] = (("data", "split_csv"),)
+"""Paths a config file may give relative to itself (they ship beside it, e.g. ``splits/*.csv``)."""
+
+
+def _relative_to_file(raw: dict[str, Any], folder: Path) -> None:
+    """Resolve ``FILE_RELATIVE_KEYS`` against the YAML's folder where the file is there.
+
+    Other relative paths (``data.root``, ``logging.output_dir``) stay relative to the working
+    directory; so does one of these when it is not found beside the YAML.
+    """
+    for section, key in FILE_RELATIVE_KEYS:
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).is_file():
+            raw[section][key] = str(folder / value)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -363,14 +409,42 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read a YAML config (following ``base:``), apply dotted overrides, validate.
 
     Args:
-        path: YAML file, or ``None`` for the defaults.
+        path: YAML file, the name of a shipped config (``demo``, ``paper``, ...: see
+            :mod:`cmgnet.shipped`), or ``None`` for the defaults.
         overrides: ``key=value`` strings (values parsed as YAML: ``false``, ``1e-3``, ``[16, 8]``).
 
     Returns:
         The validated :class:`ExperimentConfig`.
     """
-    raw = _read_yaml(Path(path)) if path else {}
-    return from_dict(ExperimentConfig, _deep_merge(raw, parse_overrides(overrides)))
+    from cmgnet.shipped import config_path
+
+    raw = _read_yaml(config_path(path)) if path else {}
+    return experiment_from_tree(_deep_merge(raw, parse_overrides(overrides)))
+
+
+def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from a nested mapping.
+
+    The ``model`` section is typed by ``arch`` through the model registry, and images are
+    normalised with the encoder's own statistics unless ``data.mean`` / ``data.std`` are given.
+    """
+    tree = dict(tree)
+    arch = tree.get("arch", ExperimentConfig.arch)
+    try:
+        config_class = model_class(arch).config_class
+    except (KeyError, TypeError) as err:
+        raise KeyError(f"arch: {err.args[0] if err.args else arch!r}") from None
+    model = tree.get("model", {})
+    if not dataclasses.is_dataclass(model):
+        if not isinstance(model, Mapping):
+            raise TypeError(f"model: expected a mapping of {config_class.__name__} fields, got {model!r}")
+        model = from_dict(config_class, model, "model")
+    tree["model"] = model
+    data = tree.get("data", {})
+    if isinstance(data, Mapping) and "mean" not in data and "std" not in data and hasattr(model, "encoder"):
+        mean, std = encoder_normalization(model.encoder)
+        tree["data"] = {**data, "mean": list(mean), "std": list(std)}
+    return from_dict(ExperimentConfig, tree)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

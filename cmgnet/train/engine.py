@@ -50,11 +50,11 @@ from cmgnet.model.base import WEIGHTS_NAME
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
-from .diagnosis import IGNORE, DiagnosisClassifier, classes_of
+from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of
 from .evaluate import EvalResult, Evaluator, format_table
 from .losses import build_loss
 from .optim import build_optimizer, build_scheduler
-from .tracking import Tracker, git_info, ui_command
+from .tracking import UNLOGGED_METRICS, Tracker, eval_metrics, git_info, sigterm_as_interrupt, ui_command
 
 logger = logging.getLogger("cmgnet.train")
 
@@ -117,6 +117,32 @@ def resolve_mixed_precision(configured: str) -> str:
     if choice not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {choice!r}")
     return choice
+
+
+def describe_setup(accelerator: Accelerator) -> str:
+    """The process setup in words, e.g. ``"1 process on cpu, fp32"``, ``"8 processes on cuda (DeepSpeed ZeRO-2), bf16"``."""
+    n = accelerator.num_processes
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        how = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin is not None else "DeepSpeed"
+    elif kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU):
+        how = "DDP, gloo" if kind == DistributedType.MULTI_CPU else "DDP"
+    elif kind == DistributedType.FSDP:
+        how = "FSDP"
+    else:
+        how = "" if kind == DistributedType.NO else kind.value
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    return f"{n} process{'es' if n != 1 else ''} on {accelerator.device.type}{f' ({how})' if how else ''}, {precision}"
+
+
+def apply_attention_backend(cfg: ExperimentConfig) -> str:
+    """Switch ``cmgnet.kernels`` to ``train.attention_backend`` (if set); return the backend in effect."""
+    from cmgnet import kernels
+
+    if cfg.train.attention_backend:
+        kernels.set_backend(cfg.train.attention_backend)
+    return kernels.get_backend()
 
 
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
@@ -185,6 +211,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         # Identical initial weights everywhere, then per-rank streams (modality dropout etc.).
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+        self.attention_backend = apply_attention_backend(cfg)
         model = create_model(cfg.arch, **dataclasses.asdict(cfg.model))
         # The inference contract, saved with every checkpoint and best/ (cmgnet.inference).
         model.inference = record_from_experiment(model, cfg)
@@ -213,7 +240,7 @@ class Trainer:
         # The scheduler stays unprepared: it is stepped once per real optimiser step, by us.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         if self.classifier is not None:
-            cls_opt = torch.optim.AdamW(self.classifier.parameters(), lr=1e-3, weight_decay=1e-4)
+            cls_opt = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.train.diagnosis_lr, weight_decay=1e-4)
             self.classifier, self.cls_optimizer = acc.prepare(self.classifier, cls_opt)
         self.evaluator = Evaluator(cfg, self.model, self.data, acc, self.classifier)
 
@@ -241,7 +268,11 @@ class Trainer:
         if len(classes) < 2:
             self.log(f"note: training split has diagnoses {classes}; no classifier, no 'predicted' regime")
             return None
-        return DiagnosisClassifier(classes, self.cfg.train.diagnosis_width)
+        train = self.cfg.train
+        weights = balanced_weights(classes, list(self.train_diagnoses.values())) if train.diagnosis_balanced else ()
+        pretrained = "imagenet" if train.diagnosis_encoder != "scratch" else "none"
+        return DiagnosisClassifier(classes, train.diagnosis_width, train.diagnosis_encoder, pretrained,
+                                   train.diagnosis_image_size, self.cfg.data.mean, self.cfg.data.std, weights)
 
     def _resolve_run_dir(self) -> Path:
         cfg = self.cfg
@@ -381,15 +412,16 @@ class Trainer:
         self._t0, self._elapsed_before = time.perf_counter(), 0.0
         self.setup()
         self._t0, self._elapsed_before = time.perf_counter(), self.state.elapsed_s
-        status = "FAILED"
+        status = "FAILED"  # any exception; Ctrl-C and SIGTERM: KILLED (never left RUNNING)
         try:
-            self.on_train_start()
-            while self.state.epoch < self.cfg.train.epochs and not self._stop:
-                self.on_epoch_start(self.state.epoch)
-                self.train_epoch(self.state.epoch)
-                if self.state.batch_in_epoch >= self.steps_per_epoch * self.cfg.train.grad_accum:
-                    self.on_epoch_end(self.state.epoch)
-            results = self.on_train_end()
+            with sigterm_as_interrupt():
+                self.on_train_start()
+                while self.state.epoch < self.cfg.train.epochs and not self._stop:
+                    self.on_epoch_start(self.state.epoch)
+                    self.train_epoch(self.state.epoch)
+                    if self.state.batch_in_epoch >= self.steps_per_epoch * self.cfg.train.grad_accum:
+                        self.on_epoch_end(self.state.epoch)
+                results = self.on_train_end()
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -408,19 +440,49 @@ class Trainer:
         params = flatten(to_dict(cfg))
         params.update({"model.trainable_parameters": unwrapped.num_parameters(trainable_only=True),
                        "runtime.num_processes": acc.num_processes,
-                       "runtime.distributed_type": str(acc.distributed_type),
+                       "runtime.distributed_type": acc.distributed_type.value,
                        "runtime.mixed_precision": acc.mixed_precision,
+                       "runtime.setup": describe_setup(acc),
+                       "runtime.attention_backend": self.attention_backend,
                        "runtime.global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes})
         tags = {**git_info(), "run_dir": str(self.run_dir.resolve()), **self.run_tags}
-        run_id = self.tracker.start(self.run_dir.name, params, tags, run_id=self.state.mlflow_run_id)
+        new_run = self.state.mlflow_run_id is None
+        run_id = self.tracker.start(self.run_dir.name, params, tags, run_id=self.state.mlflow_run_id,
+                                    description=self.describe_run())
         self.state.mlflow_run_id = run_id or self.state.mlflow_run_id
         self.tracker.log_artifact(self.run_dir / "config.yaml")
-        precision = "fp32" if acc.mixed_precision == "no" else acc.mixed_precision
+        if new_run:
+            self._log_dataset()
         self.log(f"run {self.run_dir}  |  {cfg.arch} {unwrapped.num_parameters(trainable_only=True) / 1e6:.2f}M "
-                 f"trainable params  |  {acc.distributed_type.value} x{acc.num_processes} on {acc.device}, {precision} "
-                 f"precision  |  {self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, global batch "
+                 f"trainable params  |  {describe_setup(acc)}  |  {self.steps_per_epoch} steps/epoch x "
+                 f"{cfg.train.epochs} epochs, global batch "
                  f"{params['runtime.global_batch']}  |  text: train {cfg.data.text_regime_train}, "
                  f"eval {cfg.data.text_regime_eval}")
+
+    def describe_run(self) -> str:
+        """The run's description in the MLflow UI: model, data, protocol, text regimes, schedule."""
+        cfg = self.cfg
+        return (f"{cfg.arch} on {cfg.data.format} data at `{cfg.data.root}` ({cfg.data.protocol} splits, "
+                f"{cfg.data.image_size} px); text: train `{cfg.data.text_regime_train}`, best weights picked in "
+                f"`{cfg.data.text_regime_eval}`; {cfg.train.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr:g}; "
+                f"{describe_setup(self.accelerator)}. Run directory `{self.run_dir}`; full config in "
+                "`config.yaml` and the parameters.")
+
+    def _log_dataset(self) -> None:
+        """The training data as an MLflow dataset input: root, protocol, split sizes and a digest."""
+        if not self.tracker.active:
+            return
+        cfg = self.cfg
+        split_keys = {}
+        for split in dict.fromkeys(["train", cfg.eval.val_split, *cfg.eval.splits]):
+            try:
+                split_keys[split] = list(self.data.diagnoses(split))
+            except (KeyError, ValueError):  # a split this dataset does not have (evaluation skips it too)
+                continue
+        self.tracker.log_dataset(
+            cfg.data.format if cfg.data.format != "auto" else Path(cfg.data.root).name, cfg.data.root, split_keys,
+            {"format": cfg.data.format, "protocol": cfg.data.protocol, "image_size": cfg.data.image_size,
+             "text_regime_train": cfg.data.text_regime_train, "text_regime_eval": cfg.data.text_regime_eval})
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each (possibly resumed) epoch."""
@@ -492,8 +554,7 @@ class Trainer:
         target = unwrapped.targets([self.train_diagnoses.get(str(i)) for i in ids], image.device)
         logits = self.classifier(image).float()
         # All-unknown batches still run backward (zero loss) so DDP ranks stay in step.
-        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE) if (target != IGNORE).any() \
-            else logits.sum() * 0.0
+        loss = unwrapped.loss(logits, target) if (target != IGNORE).any() else logits.sum() * 0.0
         self.accelerator.backward(loss)
         self.cls_optimizer.step()
         self.cls_optimizer.zero_grad(set_to_none=True)
@@ -502,7 +563,7 @@ class Trainer:
         """After each optimiser step: step metrics, step checkpoints, stop conditions."""
         cfg, state = self.cfg.train, self.state
         if state.global_step % max(1, cfg.log_every) == 0:
-            metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": state.epoch}
+            metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": state.epoch + 1}
             if getattr(self, "_grad_norm", None) is not None:
                 metrics["train/grad_norm"] = float(self._grad_norm)
             self.tracker.log_metrics(metrics, step=state.global_step)
@@ -532,8 +593,9 @@ class Trainer:
             record.update(self.validate(epoch))
         self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
         self.state.history.append(record)
-        epoch_metrics = {f"epoch/{k}": v for k, v in record.items() if k != "epoch"}
-        self.tracker.log_metrics(epoch_metrics, step=self.state.global_step)
+        # val/* were logged by validate(); step and epoch are the x axes, not values.
+        self.tracker.log_metrics({"epoch/train_loss": record["train_loss"], "epoch/time_s": record["epoch_time_s"]},
+                                 step=self.state.global_step)
         self.save_checkpoint()
         val = ""
         if "val_dice" in record:
@@ -554,10 +616,13 @@ class Trainer:
         dice = metrics["val_dice"]
         if dice > self.state.best_metric:
             self.state.best_metric, self.state.best_epoch = dice, epoch
-            self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
-                            "text_regime": regime, "convention": "per_image_mean", **result.summary})
+            best = self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
+                                   "text_regime": regime, "convention": "per_image_mean", **result.summary})
             self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
-        self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items()}, step=self.state.global_step)
+            # Logged whenever it changes, so a run stopped midway still has its best weights in MLflow.
+            self.tracker.log_artifact(best, BEST_DIR)
+        self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items() if k[4:] not in UNLOGGED_METRICS},
+                                 step=self.state.global_step)
         return metrics
 
     # ------------------------------------------------------------------ evaluation
@@ -576,9 +641,8 @@ class Trainer:
         results = self.evaluator.run(self.cfg.eval.splits, self.cfg.eval.text_regimes, out_root, log=self.log,
                                      checkpoint=str(best))
         for result in results:
-            for convention in ("per_image_mean", "pooled"):
-                self.tracker.log_metrics({f"test/{result.split}/{result.text_regime}/{convention}/{k}": v
-                                          for k, v in result.summary[convention].items()}, step=self.state.global_step)
+            self.tracker.log_metrics(eval_metrics(result.split, result.text_regime, result.summary),
+                                     step=self.state.global_step)
         if self.is_main:
             if results:
                 self.log("final evaluation of the best weights:\n" + format_table(results) + "\n"

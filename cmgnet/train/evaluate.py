@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,11 @@ from torch import nn
 
 from cmgnet.metrics import CONVENTIONS, COUNT_KEYS, EMPTY_CONVENTION, METRICS, per_image_rows, summarize
 
+from cmgnet.model.tta import flip_tta
+
 from .config import ExperimentConfig
 from .data import LoaderSource
-from .diagnosis import vote
+from .diagnosis import diagnosis_report, vote
 
 TABLE_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "f1", "accuracy", "hd95")
 
@@ -109,6 +112,7 @@ def predict_rows(
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     progress: bool = False,
+    tta: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the model over a (sharded) loader and return every image's metrics row, gathered.
 
@@ -122,6 +126,7 @@ def predict_rows(
         n_overlays: overlays written in total (split evenly over ranks).
         mean, std: the loader's normalisation, to show the image in overlays.
         progress: show a progress bar (main process only).
+        tta: flip test-time augmentation (:func:`cmgnet.model.tta.flip_tta`, 4 forwards).
 
     Returns:
         Rows of all ranks (identical list on every rank).
@@ -143,7 +148,8 @@ def predict_rows(
     for batch in bar:
         last = batch
         image = batch["image"].to(accelerator.device, non_blocking=True)
-        logits = model(image, text=list(batch["text"])).float()
+        text = list(batch["text"])
+        logits = flip_tta(model, image, text=text) if tta else model(image, text=text).float()
         pred = torch.sigmoid(logits) > threshold
         target = batch["mask"].to(pred.device) > 0.5
         ids = [str(i) for i in batch["image_id"]]
@@ -271,7 +277,7 @@ class Evaluator:
         return predict_diagnoses(self.classifier, loader, self.accelerator)
 
     def evaluate(self, split: str, text_regime: str, *, with_hd95: bool, overlay_dir: Path | None = None,
-                 **info: Any) -> EvalResult:
+                 tta: bool = False, **info: Any) -> EvalResult:
         """Metrics of the current weights on one split under one text regime.
 
         Args:
@@ -279,23 +285,28 @@ class Evaluator:
             text_regime: ``none``, ``metadata``, ``predicted`` or ``oracle``.
             with_hd95: compute HD95.
             overlay_dir: write ``eval.overlays`` overlay PNGs there (``None``: none).
+            tta: flip test-time augmentation.
             info: extra facts for the JSON.
 
         Returns:
             The :class:`EvalResult` (identical on every process).
         """
-        info = {"threshold": self.cfg.eval.threshold, "dataset": self.cfg.data.root, "format": self.cfg.data.format,
+        info = {"threshold": self.cfg.eval.threshold, "tta": tta, "dataset": self.cfg.data.root, "format": self.cfg.data.format,
                 "protocol": self.cfg.data.protocol, "image_size": self.cfg.data.image_size, **info}
         predicted = None
         if text_regime == "predicted":
             predicted = self.predicted_diagnoses(split)
-            info["diagnosis_accuracy"] = diagnosis_accuracy(predicted, self.data.diagnoses(split))
+            truth = self.data.diagnoses(split)
+            info["diagnosis_accuracy"] = diagnosis_accuracy(predicted, truth)
+            train = Counter(d for d in self.data.diagnoses("train").values() if d and d != "unknown")
+            majority = train.most_common(1)[0][0] if train else None
+            info["diagnosis"] = diagnosis_report(predicted, truth, majority)
             predicted = vote(predicted)
         loader = self.data.eval_loader(split, self.batch_size, text_regime, predicted)
         rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,
                             with_hd95=with_hd95, overlay_dir=overlay_dir,
                             n_overlays=self.cfg.eval.overlays if overlay_dir else 0,
-                            mean=self.cfg.data.mean, std=self.cfg.data.std)
+                            mean=self.cfg.data.mean, std=self.cfg.data.std, tta=tta)
         return build_result(rows, split, text_regime, with_hd95, **info)
 
     def run(self, splits: Sequence[str], text_regimes: Sequence[str], out_root: Path | None,
@@ -325,7 +336,7 @@ class Evaluator:
                         log("skipping text regime 'predicted': no diagnosis classifier")
                     continue
                 out = out_root / f"{split}-{regime}" if out_root is not None else None
-                result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95,
+                result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95, tta=self.cfg.eval.tta,
                                        overlay_dir=out / "overlays" if out else None, **info)
                 results.append(result)
                 if main and out is not None:

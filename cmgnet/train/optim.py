@@ -18,22 +18,29 @@ from torch.optim.lr_scheduler import LambdaLR
 from .config import OptimConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed weights and undecayed biases/norm scales.
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float, encoder_lr_mult: float = 1.0) -> list[dict]:
+    """Trainable parameters split into decayed weights and undecayed biases/norm scales, and
+    into the image encoder (``encoder.*``, learning rate ``lr * encoder_lr_mult``) and the rest.
 
     Args:
         model: the network (frozen parameters, e.g. a frozen text encoder, are skipped).
         weight_decay: decay of the matrices and kernels.
+        lr: base learning rate.
+        encoder_lr_mult: learning-rate factor of the encoder.
 
     Returns:
-        Two optimiser parameter groups (the second with ``weight_decay=0``).
+        The non-empty optimiser parameter groups.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
             # 1-D tensors are biases and norm scales: decaying them only hurts (common practice).
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            key = (name.startswith("encoder.") and encoder_lr_mult != 1.0, p.ndim > 1)
+            groups.setdefault(key, []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * (encoder_lr_mult if enc else 1.0)}
+        for (enc, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
@@ -46,7 +53,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     Returns:
         The optimiser.
     """
-    groups = parameter_groups(model, cfg.weight_decay)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.lr, cfg.encoder_lr_mult)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.name == "sgd":
