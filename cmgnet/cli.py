@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("images -> mask PNGs, overlays and a statistics CSV", "cmgnet.deploy.cli", "predict_main"),
     "configs": ("list the shipped experiment and Accelerate configs (cmgnet configs NAME: its path)",
                 "cmgnet.shipped", "configs_main"),
+    "models": ("list the shipped trained models (cmgnet models NAME: its model card)", "cmgnet.shipped",
+               "models_main"),
     "demo": ("generate a synthetic data set, train, evaluate and track, on a CPU", "cmgnet.demo", "main"),
 }
 DATA_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,6 +41,7 @@ EXAMPLES = (
     "cmgnet evaluate --checkpoint runs/demo/best --split val test",
     "cmgnet export runs/demo/best --out exported/",
     "cmgnet predict exported/ images/ --out predictions/",
+    "cmgnet predict isic-cmgnet-lite0 images/ --out masks/",
     "cmgnet <command> --help",
 )
 

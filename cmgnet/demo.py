@@ -5,7 +5,9 @@
    weights and MLflow tracking (SQLite store ``runs/mlflow.db``);
 3. evaluates the best weights on the test split in every text regime, beside trivial
    all-background and all-foreground predictors scored with the same metrics;
-4. prints the tables and where everything is (including the ``mlflow ui`` command).
+4. segments the real ISIC example images shipped with the package with the shipped trained
+   model (``isic-cmgnet-lite0``: no training, no network) and scores the masks;
+5. prints the tables and where everything is (including the ``mlflow ui`` command).
 
     cmgnet demo [key=value overrides, e.g. train.epochs=4]     (or python -m cmgnet.demo)
 """
@@ -44,6 +46,40 @@ def trivial_baselines(data, split: str, batch_size: int) -> list:
         rows["all-background"] += per_image_rows(torch.zeros_like(target), target, ids)
         rows["all-foreground"] += per_image_rows(torch.ones_like(target), target, ids)
     return [build_result(r, split, name, with_hd95=True) for name, r in rows.items()]
+
+
+SHIPPED_MODEL = "isic-cmgnet-lite0"
+
+
+def segment_examples(out: Path, model: str = SHIPPED_MODEL) -> dict[str, float] | None:
+    """Run ``cmgnet predict`` with a shipped model on the shipped example images.
+
+    Args:
+        out: output folder (replaced: ``masks/``, ``overlays/``, ``predictions.csv``).
+        model: shipped model name.
+
+    Returns:
+        Image id -> Dice of the predicted mask against the example's ground truth, or ``None``
+        when this build ships no such model.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from cmgnet.deploy.cli import predict_main
+    from cmgnet.shipped import EXAMPLES_DIR, list_pretrained
+
+    if model not in list_pretrained():
+        return None
+    code = predict_main([model, str(EXAMPLES_DIR / "images"), "--metadata", str(EXAMPLES_DIR / "metadata.csv"),
+                         "--out", str(out), "--overwrite", "--no-progress"])
+    if code:
+        raise RuntimeError(f"cmgnet predict {model} failed on the shipped examples (exit {code})")
+    dice = {}
+    for truth in sorted((EXAMPLES_DIR / "masks").glob("*.png")):
+        t = np.asarray(Image.open(truth)) > 127
+        p = np.asarray(Image.open(out / "masks" / truth.name)) > 127
+        dice[truth.stem] = float(2 * (t & p).sum() / max(t.sum() + p.sum(), 1))
+    return dice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines = trivial_baselines(trainer.data, cfg.eval.splits[0], trainer.evaluator.batch_size)
 
     rows = result.results + baselines
+    shipped_out = Path(cfg.logging.output_dir) / "demo-shipped-model"
+    shipped = segment_examples(shipped_out)
     print("\n" + "=" * 100)
     print(f"CMG-Net demo: {len(result.state.history)} epochs on the procedural data set, "
           f"{cfg.data.image_size}x{cfg.data.image_size} px, {train_s / 60:.1f} min in total "
@@ -99,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     model_dice = {k: v for k, v in dice.items() if not k.startswith("all-")}
     print(f"\nDice (per-image mean): model {min(model_dice.values()):.3f}-{max(model_dice.values()):.3f} vs "
           f"all-background {dice['all-background']:.3f} and all-foreground {dice['all-foreground']:.3f}")
+    if shipped is not None:
+        print(f"\nshipped model {SHIPPED_MODEL} on {len(shipped)} real ISIC 2017 validation images (never trained on): "
+              f"Dice " + ", ".join(f"{k} {v:.3f}" for k, v in shipped.items()))
     print("\nwhere to look:")
     print(f"  run directory      {result.run_dir}/  (config.yaml, checkpoints/)")
     print(f"  best weights       {result.best_dir}/  (save_pretrained: config.json + model.safetensors)")
     print(f"  evaluation         {result.run_dir}/eval/<split>-<regime>/  (metrics.json, per_image.csv, overlays/)")
     print(f"  re-evaluate        cmgnet evaluate --checkpoint {result.best_dir} --split test val")
+    if shipped is not None:
+        print(f"  shipped model      {shipped_out}/  (masks/, overlays/, predictions.csv; cmgnet models)")
     if result.tracking_uri:
         print(f"  MLflow UI          {ui_command(result.tracking_uri)}   (run {result.mlflow_run_id})")
     print("=" * 100)

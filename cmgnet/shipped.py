@@ -1,4 +1,4 @@
-"""The experiment and Accelerate configs shipped with the package, found by name.
+"""What ships with the package, found by name: experiment and Accelerate configs, trained models.
 
 The repository's ``configs/`` and ``launch/accelerate/`` folders are the one source; the
 wheel installs them as package data (``cmgnet/configs``, ``cmgnet/configs/accelerate``), so
@@ -9,6 +9,18 @@ wheel installs them as package data (``cmgnet/configs``, ``cmgnet/configs/accele
 
 A name is a file stem (``demo``, ``cpu-real``, ``paper``, ``isic2017``, ``isic2018``); an
 existing path is returned unchanged, so every ``--config`` accepts both.
+
+Trained models: like Hugging Face's ``from_pretrained("name")``, but offline. Each shipped
+model is a folder ``cmgnet/pretrained/<name>/`` holding what ``save_pretrained`` writes
+(``config.json``, ``model.safetensors`` in fp16, ``inference.json``), the diagnosis classifier
+(``diagnosis/``) and a model card (``README.md``)::
+
+    SegmentationModel.from_pretrained("isic-cmgnet-lite0")
+    cmgnet predict isic-cmgnet-lite0 images/ --out masks/
+    cmgnet models                          # the list, with sizes
+
+``pretrained/examples/`` holds a few real ISIC images with their masks (see its LICENSE.md).
+This module imports nothing heavy, so the CLI answers at once.
 """
 
 from __future__ import annotations
@@ -97,4 +109,81 @@ def configs_main(argv: list[str] | None = None) -> int:
     print("  " + "  ".join(list_configs()))
     print(f"Accelerate configs ({accelerate_dir()}):  accelerate launch --config_file $(cmgnet configs NAME)")
     print("  " + "  ".join(list_accelerate_configs()))
+    return 0
+
+
+# ---------------------------------------------------------------- trained models
+PRETRAINED_DIR = _PACKAGE / "pretrained"
+EXAMPLES_DIR = PRETRAINED_DIR / "examples"
+CARD_NAME = "README.md"
+
+
+def list_pretrained() -> list[str]:
+    """Names of the shipped models."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def is_pretrained_name(name_or_path: str | Path) -> bool:
+    """True for the name of a shipped model that is not also an existing path."""
+    return not Path(name_or_path).exists() and str(name_or_path) in list_pretrained()
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """A shipped model's folder for its name; any other value is returned as a path.
+
+    Args:
+        name_or_path: a name from :func:`list_pretrained` or a model folder.
+
+    Returns:
+        The folder to load from (an existing path wins over a shipped name).
+    """
+    return PRETRAINED_DIR / str(name_or_path) if is_pretrained_name(name_or_path) else Path(name_or_path)
+
+
+def model_card(name: str) -> str:
+    """The model card (Markdown) of a shipped model."""
+    return (resolve_pretrained(name) / CARD_NAME).read_text()
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per shipped model: name, architecture, encoder, size on disk, card summary line."""
+    import json
+
+    rows = []
+    for name in list_pretrained():
+        folder = PRETRAINED_DIR / name
+        saved = json.loads((folder / "config.json").read_text())
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        card = folder / CARD_NAME
+        summary = next((ln.strip() for ln in card.read_text().splitlines()[1:] if ln.strip()), "") if card.is_file() else ""
+        rows.append({"name": name, "arch": saved["model"], "encoder": saved["config"].get("encoder", "unet"),
+                     "size_mb": f"{size / 1e6:.1f}", "summary": summary})
+    return rows
+
+
+def models_main(argv: list[str] | None = None) -> int:
+    """``cmgnet models [NAME]``: list the shipped trained models, or print one's model card."""
+    from .cliargs import make_parser
+
+    parser = make_parser(
+        "cmgnet models", "List the trained models shipped with the package, or print the model card of one.",
+        ["cmgnet models", "cmgnet models isic-cmgnet-lite0",
+         "cmgnet predict isic-cmgnet-lite0 images/ --out masks/"])
+    parser.add_argument("name", nargs="?", help="a shipped model: print its model card")
+    args = parser.parse_args(argv)
+    if args.name:
+        if args.name not in list_pretrained():
+            parser.error(f"no shipped model {args.name!r}; shipped: {', '.join(list_pretrained()) or 'none'}")
+        print(model_card(args.name))
+        return 0
+    rows = describe()
+    if not rows:
+        print("no trained models are shipped with this build")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name'].ljust(width)}  {r['arch']} on {r['encoder']}, {r['size_mb']} MB  {r['summary']}")
+    print(f"examples: {EXAMPLES_DIR}")
     return 0

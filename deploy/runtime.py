@@ -427,7 +427,7 @@ class Segmenter:
         without one gets the defaults (256 px, ImageNet statistics, threshold 0.5).
 
         Args:
-            path: a shipped model name (``cmgnet.model.hub``); a ``save_pretrained`` checkpoint
+            path: a shipped model name (``cmgnet.shipped``); a ``save_pretrained`` checkpoint
                 directory (PyTorch); an exported bundle directory (``deploy.json``); or a
                 ``.onnx``, ``.engine``/``.plan`` or ``.ep`` file.
             backend: one of :data:`BACKENDS`. ``auto`` picks the file's own backend; for a
@@ -554,12 +554,12 @@ class Segmenter:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A path, or a shipped model name resolved by :func:`cmgnet.model.hub.resolve_pretrained`."""
+    """A path, or a shipped model name resolved by :func:`cmgnet.shipped.resolve_pretrained`."""
     path = Path(path)
     if path.exists():
         return path
     try:
-        from cmgnet.model.hub import resolve_pretrained
+        from cmgnet.shipped import resolve_pretrained
     except ImportError:  # no registry in this build: the path is all there is
         return path
     return Path(resolve_pretrained(str(path)))

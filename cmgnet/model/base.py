@@ -139,14 +139,14 @@ class SegmentationModel(nn.Module):
 
         Args:
             directory: a saved model's folder, or the name of a shipped model
-                (:func:`cmgnet.model.hub.list_pretrained`, e.g. ``"isic-cmgnet-lite0"``).
+                (:func:`cmgnet.shipped.list_pretrained`, e.g. ``"isic-cmgnet-lite0"``).
             **overrides: config values to change (e.g. ``text_cache_dir``).
 
         Raises:
             CheckpointError: a missing or malformed ``config.json`` (unknown model, unknown or
                 mistyped keys), unreadable weights or inference record; the message names the file.
         """
-        from .hub import resolve_pretrained
+        from cmgnet.shipped import resolve_pretrained
 
         directory = resolve_pretrained(directory)  # a shipped model's name, or a folder
         config_path = directory / CONFIG_NAME

@@ -38,9 +38,13 @@ def _finish() -> None:
         dist.destroy_process_group()
 
 
-def _config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+def _config_parser(prog: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    from cmgnet.cliargs import make_parser
+
+    parser = make_parser(prog, description, examples)
+    parser.add_argument("--config", metavar="NAME_OR_YAML",
+                        help="experiment config: a shipped name (demo, cpu-real, paper, isic2017, isic2018; "
+                             "see `cmgnet configs`) or a YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=3e-4 model.masa=false")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser
@@ -65,9 +69,15 @@ def _print_config(cfg) -> int:
 
 
 @cli_entry
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet train --config configs/<name>.yaml [key=value ...]``."""
-    parser = _config_parser("Train CMG-Net (or a baseline) from a YAML config.")
+def train_main(argv: Sequence[str] | None = None, prog: str = "cmgnet train") -> int:
+    """``cmgnet train --config <name or YAML> [key=value ...]``."""
+    parser = _config_parser(prog, "Train CMG-Net (or a baseline) from a YAML config. Under `accelerate launch` "
+                            "the same command runs on several processes, GPUs, nodes or DeepSpeed.", [
+        f"{prog} --config demo train.epochs=4",
+        f"{prog} --config configs/isic2017.yaml data.root=/data/ISIC2017 optim.lr=3e-4",
+        f"{prog} --config paper --print-config",
+        "accelerate launch --config_file launch/accelerate/multi_gpu.yaml launch/train.py --config isic2017",
+    ])
     args = parser.parse_args(argv)
     from .config import load_config
 
@@ -106,17 +116,26 @@ def _find_weights(checkpoint: Path) -> Path:
 
 
 @cli_entry
-def evaluate_main(argv: Sequence[str] | None = None) -> int:
+def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluate") -> int:
     """``cmgnet evaluate --checkpoint runs/<run>/best [--split test] [--text-regime ...]``."""
-    parser = _config_parser("Evaluate saved weights on any split and text regime.")
+    parser = _config_parser(prog, "Evaluate saved weights on any split and text regime: per-image and pooled "
+                            "metrics, per-image CSV and overlays.", [
+        f"{prog} --checkpoint runs/demo/best --split val test --text-regime none metadata oracle",
+        f"{prog} --checkpoint runs/demo/best data.root=/data/my_isic2017 --track",
+        f"{prog} --checkpoint runs/demo/best --out eval-demo/ --no-hd95",
+    ])
     parser.add_argument("--checkpoint", required=True,
                         help="a save_pretrained directory (e.g. runs/<run>/best), a run directory or a checkpoint")
     parser.add_argument("--split", nargs="+", default=None, help="splits (default: the config's eval.splits)")
-    parser.add_argument("--text-regime", nargs="+", choices=TEXT_REGIMES, default=None,
-                        help="text regimes (default: the config's eval.text_regimes)")
-    parser.add_argument("--output", help="output folder (default: <checkpoint>/eval-<timestamp>)")
-    parser.add_argument("--overlays", type=int, default=None, help="overlay PNGs per evaluation")
+    parser.add_argument("--text-regime", nargs="+", choices=TEXT_REGIMES, default=None, metavar="REGIME",
+                        help=f"text regimes, of {', '.join(TEXT_REGIMES)} (default: the config's eval.text_regimes)")
+    from cmgnet.cliargs import add_out_argument
+
+    add_out_argument(parser, "output folder (default: <checkpoint>/eval-<timestamp>)")
+    parser.add_argument("--overlays", type=int, default=None,
+                        help="overlay PNGs per split and regime (default: the config's eval.overlays)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (eval.tta=true)")
     parser.add_argument("--track", action="store_true", help="log the results as a new MLflow run")
     args = parser.parse_args(argv)
     from .config import load_config
@@ -133,13 +152,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)
     if args.no_hd95:
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
+    if args.tta:
+        eval_cfg = dataclasses.replace(eval_cfg, tta=True)
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
     if args.print_config:
         return _print_config(cfg)
     setup_logging()
     try:
         run_evaluation(cfg, weights, args.split or cfg.eval.splits, args.text_regime or cfg.eval.text_regimes,
-                       Path(args.output) if args.output else None, track=args.track)
+                       Path(args.out) if args.out else None, track=args.track)
     finally:
         _finish()
     return 0
@@ -166,12 +187,13 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
 
     from .data import DataModule
     from .diagnosis import DiagnosisClassifier
-    from .engine import CLASSIFIER_DIR, build_accelerator
+    from .engine import CLASSIFIER_DIR, apply_attention_backend, build_accelerator
     from .evaluate import Evaluator, format_table
-    from .tracking import Tracker, git_info, ui_command
+    from .tracking import Tracker, eval_metrics, git_info, ui_command
 
     log = logging.getLogger("cmgnet.evaluate")
     accelerator = build_accelerator(cfg)
+    apply_attention_backend(cfg)
     model = accelerator.prepare_model(SegmentationModel.from_pretrained(weights), evaluation_mode=True)
     classifier = None
     if (weights / CLASSIFIER_DIR).exists():
@@ -194,9 +216,7 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
             tags = {**git_info(), "checkpoint": str(weights)}
             tracker.start(f"eval-{weights.parent.name}", flatten(to_dict(cfg)), tags)
             for r in results:
-                for convention in ("per_image_mean", "pooled"):
-                    tracker.log_metrics({f"test/{r.split}/{r.text_regime}/{convention}/{k}": v
-                                         for k, v in r.summary[convention].items()}, step=0)
+                tracker.log_metrics(eval_metrics(r.split, r.text_regime, r.summary), step=0)
             tracker.log_artifact(output, "eval")
             tracker.end()
             if tracker.active:
@@ -205,18 +225,23 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
 
 
 @cli_entry
-def ablate_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet ablate --config configs/<name>.yaml [--variants full no_masa ...] [key=value ...]``."""
+def ablate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet ablate") -> int:
+    """``cmgnet ablate --config <name or YAML> [--variants full no_masa ...] [key=value ...]``."""
     from .ablate import VARIANTS, run_ablation
-    from .config import load_config
 
-    parser = _config_parser("Train and evaluate the paper's ablation variants; print table 3.")
+    parser = _config_parser(prog, "Train and evaluate the paper's ablation variants (table 3) under one recipe; "
+                            "print the table and write <output_dir>/<run>-ablation/ablation.{json,md}.", [
+        f"{prog} --config demo",
+        f"{prog} --config isic2017 --variants full no_masa --text-regime metadata",
+    ])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                         help="variants to run (default: all, in the paper's order)")
     parser.add_argument("--split", default=None, help="split of the table (default: first of eval.splits)")
-    parser.add_argument("--text-regime", choices=TEXT_REGIMES, default=None,
+    parser.add_argument("--text-regime", choices=TEXT_REGIMES, default=None, metavar="REGIME",
                         help="text regime of the table (default: data.text_regime_eval)")
     args = parser.parse_args(argv)
+    from .config import load_config
+
     with _usage_errors(parser):
         cfg = load_config(args.config, args.overrides)
     if args.print_config:

