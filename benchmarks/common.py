@@ -47,6 +47,27 @@ def cost_variants() -> dict[str, dict]:
     return {label: {k: v for k, v in switches.items() if k != "arch"} for key, (label, switches) in VARIANTS.items() if key in keep}
 
 
+def scaled_config(width: int, text_model: str, **switches: object):
+    """The benchmarks' CMG-Net at base width ``width``: the one scaling rule every speed table uses.
+
+    Attention heads ``clamp(width // 8, 1, 8)`` (MASA and CMFM), fusion width ``max(64, 4 * width)``;
+    the paper-sized model is width 64 (8 heads, fusion 256).
+
+    Args:
+        width: U-Net base width.
+        text_model: text encoder id or folder.
+        **switches: further :class:`~cmgnet.model.CMGNetConfig` fields (ablation switches).
+
+    Returns:
+        The :class:`~cmgnet.model.CMGNetConfig`.
+    """
+    from cmgnet.model import CMGNetConfig
+
+    heads = max(1, min(8, width // 8))
+    return CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(64, 4 * width),
+                        text_model=text_model, **switches)
+
+
 def time_fn(fn: Callable[[], object], warmup: int, iters: int, cuda: bool = False) -> list[float]:
     """Wall-clock seconds of ``iters`` calls after ``warmup`` calls (CUDA-synchronised)."""
     for _ in range(warmup):

