@@ -8,20 +8,33 @@ the error, and tracking is off for the rest of the run while training goes on. A
 server is probed once with a short timeout first, so an unreachable one costs seconds, not
 MLflow's minutes of retries.
 
-Open the UI on the default store with::
+Open the UI on the default store with ``make ui`` (or ``.venv/bin/mlflow ui --backend-store-uri
+sqlite:///runs/mlflow.db``).
 
-    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+Names. Per optimiser step: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/epoch``
+(1-based, as in the log). Per epoch: ``epoch/train_loss``, ``epoch/time_s``. Validation:
+``val/<metric>`` (per-image mean, in ``data.text_regime_eval``) and ``val/best_dice``. Final
+evaluation of the best weights: ``eval/<split>/<regime>/<metric>`` (per-image mean) and
+``eval/<split>/<regime>/pooled/<metric>``. F1 is not logged: for binary masks it is Dice.
+Parameters are the flattened config with values written as YAML/JSON scalars (``null``,
+``true``, ``[16, 8]``), plus ``runtime.*``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +44,72 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0
+NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as an experiment's or run's description
+UNLOGGED_METRICS = frozenset({"f1"})  # equal to Dice for binary masks: one name per value
+EXPERIMENT_DESCRIPTION = (
+    "CMG-Net text-guided skin-lesion segmentation runs. Each run: the flattened experiment config as "
+    "parameters, the training data as a dataset input, per-step `train/*`, per-epoch `epoch/*`, "
+    "validation `val/*` and final `eval/<split>/<regime>/...` metrics; artifacts `config.yaml`, `best/` "
+    "(updated whenever validation Dice improves), `eval/` (metrics JSON, per-image CSV, overlays) and the "
+    "pyfunc `model`."
+)
+
+
+def param_value(value: Any) -> str:
+    """A config value as MLflow shows it: YAML/JSON scalars (``null``, ``true``, ``[16, 8]``), strings as is.
+
+    MLflow params are write-once strings of at most 6000 characters.
+    """
+    if isinstance(value, str):
+        text = value
+    elif hasattr(value, "value") and isinstance(value.value, str):  # enums such as Accelerate's DistributedType
+        text = value.value
+    else:
+        text = json.dumps(value, default=str)
+    return text[:6000]
+
+
+def eval_metrics(split: str, text_regime: str, summary: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Final-evaluation metric names of one split and regime (see the module docstring).
+
+    Args:
+        split: evaluated split.
+        text_regime: its text regime.
+        summary: ``{"per_image_mean": {...}, "pooled": {...}}`` (an ``EvalResult.summary``).
+    """
+    prefix = f"eval/{split}/{text_regime}"
+    out = {f"{prefix}/{k}": v for k, v in summary.get("per_image_mean", {}).items() if k not in UNLOGGED_METRICS}
+    out.update({f"{prefix}/pooled/{k}": v for k, v in summary.get("pooled", {}).items() if k not in UNLOGGED_METRICS})
+    return out
+
+
+def split_digest(split_keys: Mapping[str, Sequence[str]]) -> str:
+    """A short content hash of which sample is in which split (changes with the data or the split)."""
+    text = json.dumps({split: sorted(map(str, keys)) for split, keys in sorted(split_keys.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active, SIGTERM (``kill``, a scheduler's pre-emption) raises :class:`KeyboardInterrupt`.
+
+    So the ``finally`` blocks run and the MLflow run ends ``KILLED`` instead of staying
+    ``RUNNING``. Only the main thread can install handlers; elsewhere nothing changes.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_tracking_uri(cfg: LoggingConfig) -> str:
@@ -48,10 +127,12 @@ def default_artifact_location(cfg: LoggingConfig) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The shell command that opens the MLflow UI on a store."""
+    """The shell command that opens the MLflow UI on a store (runnable without an activated venv)."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+    beside = Path(sys.executable).with_name("mlflow")  # this environment's mlflow, if `mlflow` is not on PATH
+    program = "mlflow" if shutil.which("mlflow") or not beside.exists() else str(beside)
+    return f"{program} ui --backend-store-uri {tracking_uri}"
 
 
 def git_info(cwd: str | Path | None = None) -> dict[str, str]:
@@ -149,8 +230,15 @@ class Tracker:
 
     @_guarded
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
-              run_id: str | None = None) -> str:
+              run_id: str | None = None, description: str | None = None) -> str:
         """Open (or, with ``run_id``, reopen) the run and log params and tags.
+
+        Args:
+            run_name: the run's name (new runs only).
+            params: flat parameters (values written by :func:`param_value`).
+            tags: run tags.
+            run_id: reopen this run (a resumed training) instead of creating one.
+            description: the run's description in the MLflow UI.
 
         Returns:
             The MLflow run id (store it in checkpoints so a resumed run continues it).
@@ -167,16 +255,48 @@ class Tracker:
         experiment_id = (
             experiment.experiment_id
             if experiment is not None
-            else mlflow.create_experiment(self.cfg.experiment, artifact_location=default_artifact_location(self.cfg))
+            else mlflow.create_experiment(self.cfg.experiment, artifact_location=default_artifact_location(self.cfg),
+                                          tags={NOTE_TAG: EXPERIMENT_DESCRIPTION})
         )
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                               run_name=None if run_id else run_name)
+                               run_name=None if run_id else run_name, description=description)
         self.run_id = run.info.run_id
         if run_id is None:
-            # MLflow params are write-once strings of at most 6000 characters.
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            mlflow.log_params({k: param_value(v) for k, v in params.items()})
         mlflow.set_tags(dict(tags))
         return self.run_id
+
+    @_guarded
+    def log_dataset(self, name: str, root: str | Path, split_keys: Mapping[str, Sequence[str]],
+                    profile: Mapping[str, Any], context: str = "training") -> None:
+        """Log the data a run reads as an MLflow dataset input (the UI's "Datasets used").
+
+        Args:
+            name: dataset name (e.g. ``isic2018``).
+            root: the dataset folder (its source).
+            split_keys: split -> sample keys; their sizes go in the profile and their hash
+                is the digest, so two runs share a digest exactly when they read the same split.
+            profile: further summary fields (format, protocol, text regimes, ...).
+            context: the input's role.
+        """
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        full_profile = {**profile, **{f"{split}_size": len(keys) for split, keys in split_keys.items()}}
+
+        class ProfiledDataset(MetaDataset):  # MetaDataset carries no profile; the UI shows this one
+            @property
+            def profile(self) -> dict[str, Any]:
+                return full_profile
+
+            def to_dict(self) -> dict[str, str]:
+                return {**super().to_dict(), "profile": json.dumps(full_profile)}
+
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(Path(root).resolve().as_uri())
+        mlflow.log_input(ProfiledDataset(source, name=name, digest=split_digest(split_keys)), context=context)
 
     @_guarded
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
