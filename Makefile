@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench ui clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ test: setup
 
 demo: setup
 	$(PY) -m cmgnet.demo
+
+# The MLflow UI on the default store (runs/mlflow.db); works without activating the venv.
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --port $(or $(PORT),5000)
 
 bench: setup
 	$(PY) benchmarks/model_size.py

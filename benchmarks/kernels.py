@@ -1,4 +1,4 @@
-"""Triton attention kernels vs the best PyTorch path at CMG-Net's real shapes (DESIGN section 6).
+"""Triton attention kernels vs the best PyTorch path at CMG-Net's real shapes (docs/design.md section 6).
 
 For each kernel and every shape the model produces (MASA at the bottleneck H/16; CMFM at
 H/16, H/8 and H/4; 256 and 512 px inputs; batch 1, 8, 32; base width 64, fusion width 256,

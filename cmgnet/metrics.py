@@ -1,6 +1,6 @@
 """Binary segmentation metrics: Dice, IoU, precision, recall, F1, accuracy and HD95.
 
-Every output names its aggregation convention (DESIGN section 5):
+Every output names its aggregation convention (docs/design.md section 5):
 
 * ``per_image_mean``: each metric is computed on every image, then averaged over images
   (the ISIC challenge convention and the paper's "mean Dice").

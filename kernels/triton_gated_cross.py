@@ -1,6 +1,6 @@
 """CMFM image -> text cross-attention with the gate and blend fused into the epilogue.
 
-Every pixel is a query over the ``L <= 128`` text tokens (CMG-Net paper eqs. 4-6, DESIGN 2.3)::
+Every pixel is a query over the ``L <= 128`` text tokens (CMG-Net paper eqs. 4-6, docs/design.md section 2.3)::
 
     A     = sum_h softmax(q_h K_h^T / sqrt(d), text mask) V_h W_o[:, h]^T + b_o      (B x N x C)
     alpha = sigmoid(A w_a + norm(F_I) w_i + pool(T') w_p + b_g)                          (B x N)

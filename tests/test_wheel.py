@@ -21,6 +21,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # 6-40 s depending on load: a build, an install, two commands that import torch
+
 # What the build reads: the folders mapped into the package, the metadata files.
 _SETUPTOOLS = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 SOURCES = (*sorted(set(_SETUPTOOLS["package-dir"].values())), "pyproject.toml", "README.md", "LICENSE")

@@ -1,4 +1,4 @@
-"""Pseudo-text from lesion metadata (CMG-Net paper, section 3.3; DESIGN section 2.2).
+"""Pseudo-text from lesion metadata (CMG-Net paper, section 3.3; docs/design.md section 2.2).
 
 A record's sentence is a diagnosis template (morphology a dermatologist would name:
 symmetry, border, colour, dermoscopic structures) followed by a patient clause built from
@@ -32,7 +32,7 @@ DIAGNOSES: tuple[str, ...] = (
     "vascular_lesion",
     "unknown",
 )
-"""The diagnosis vocabulary (DESIGN section 3)."""
+"""The diagnosis vocabulary (docs/design.md section 3)."""
 
 # ISIC / HAM10000 codes, plural and British spellings, and the long HAM10000 class names.
 _ALIASES: dict[str, str] = {

@@ -1,4 +1,4 @@
-"""Diagnosis classifier behind the ``predicted`` text regime (DESIGN section 2.2).
+"""Diagnosis classifier behind the ``predicted`` text regime (docs/design.md section 2.2).
 
 The ``oracle`` regime feeds the pathology label to the model; at inference time that label
 does not exist. The ``predicted`` regime instead templates a diagnosis predicted from the

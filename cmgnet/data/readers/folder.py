@@ -1,4 +1,4 @@
-"""The generic folder format users convert their own data to (DESIGN section 3)."""
+"""The generic folder format users convert their own data to (docs/design.md section 3)."""
 
 from __future__ import annotations
 
