@@ -91,3 +91,23 @@ def test_summarize_refuses_double_counting():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         confusion_counts(PRED, TARGET[..., :2])
+
+
+def test_overlay_colours_agreement_and_carries_a_legend():
+    import numpy as np
+
+    from cmgnet.train.evaluate import OVERLAY_COLOURS, overlay
+
+    image = np.full((32, 80, 3), 100, np.uint8)
+    pred, truth = np.zeros((32, 80), bool), np.zeros((32, 80), bool)
+    pred[:, :20], truth[:, 10:30] = True, True
+    out = overlay(image, pred, truth)
+    assert out.shape == (32 + 14, 160, 3)
+    assert (out[:32, :80] == image).all()  # the plain image on the left
+    coloured = out[:32, 80:].astype(int)
+    for col, key in ((5, (True, False)), (15, (True, True)), (25, (False, True))):
+        rgb = np.array(OVERLAY_COLOURS[key][0])
+        assert np.argmax(coloured[0, col]) == np.argmax(rgb)  # tinted towards its legend colour
+    legend = out[32:]
+    for rgb, _ in OVERLAY_COLOURS.values():
+        assert (legend == np.array(rgb, np.uint8)).all(-1).any()  # every colour has its swatch

@@ -4,7 +4,7 @@ Su & Meng, "Skin Lesion Image Segmentation Enhancement Method Based on Cross-Mod
 Attention", Modeling and Simulation 14(4), 2025 (CC BY 4.0). A U-Net whose bottleneck runs
 multi-axis self-attention (MASA), a BERT text branch over pseudo-text built from lesion
 metadata, and cross-modal fusion modules (CMFM) with a learned per-pixel gate at several
-scales of the decoder. Design decisions the paper leaves open are in DESIGN.md section 2.
+scales of the decoder. Design decisions the paper leaves open are in docs/design.md section 2.
 """
 
 from __future__ import annotations

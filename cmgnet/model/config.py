@@ -9,7 +9,7 @@ from cmgnet.text.encoder import DEFAULT_TEXT_MODEL
 
 @dataclass
 class UNetConfig:
-    """The image branch: encoder, U-Net decoder, 1-logit head (DESIGN section 2.1).
+    """The image branch: encoder, U-Net decoder, 1-logit head (docs/design.md section 2.1).
 
     Args:
         in_channels: image channels.
@@ -66,7 +66,7 @@ class UNetConfig:
 
 @dataclass
 class CMGNetConfig(UNetConfig):
-    """CMG-Net hyper-parameters (DESIGN section 2): the :class:`UNetConfig` image branch plus
+    """CMG-Net hyper-parameters (docs/design.md section 2): the :class:`UNetConfig` image branch plus
     MASA, the text branch and CMFM.
 
     Args:

@@ -71,14 +71,33 @@ def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: floa
         alpha: colour opacity.
 
     Returns:
-        ``H x W x 3`` uint8, the input image beside the coloured one.
+        ``(H + 14) x 2W x 3`` uint8: the input image beside the coloured one, above a colour legend.
     """
-    colours = {(True, True): (255, 220, 0), (True, False): (230, 30, 30), (False, True): (30, 200, 60)}
     out = image.astype(np.float32).copy()
-    for (p, t), colour in colours.items():
+    for (p, t), (colour, _) in OVERLAY_COLOURS.items():
         where = (pred == p) & (target == t)
         out[where] = (1 - alpha) * out[where] + alpha * np.array(colour, dtype=np.float32)
-    return np.concatenate([image, out.clip(0, 255).astype(np.uint8)], axis=1)
+    picture = np.concatenate([image, out.clip(0, 255).astype(np.uint8)], axis=1)
+    return np.concatenate([picture, _legend(picture.shape[1])], axis=0)
+
+
+OVERLAY_COLOURS = {(True, True): ((255, 220, 0), "lesion"), (True, False): ((230, 30, 30), "false +"),
+                   (False, True): ((30, 200, 60), "missed")}
+"""(prediction, ground truth) -> (RGB, legend word) of the evaluation overlays."""
+
+
+def _legend(width: int, height: int = 14) -> np.ndarray:
+    """A strip with a coloured square and its word per overlay colour (PIL's built-in font)."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    x = 2
+    for colour, word in OVERLAY_COLOURS.values():
+        draw.rectangle([x, 3, x + 8, 11], fill=colour)
+        draw.text((x + 11, 1), word, fill=(255, 255, 255))
+        x += 11 + int(draw.textlength(word)) + 8
+    return np.asarray(strip)
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
