@@ -103,7 +103,7 @@ README_END = "<!-- gpu-suite:end -->"
 TOTAL_BUDGET_S = 480.0
 KILL_GRACE_S = 15.0  # a stage past its budget by this much is killed (its rows so far are kept)
 REPORT_RESERVE_S = 5.0  # kept back from the last stage for writing the report
-MIN_STAGE_S = 5.0  # a stage offered less than this is skipped outright
+MIN_STAGE_S = 5.0  # with less than this left of the suite budget, the remaining stages are skipped outright
 CARRY_WHEELS = ("monai",)  # pure-Python packages the GPU image lacks (see the module docstring)
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SENTENCE = "Asymmetric lesion with irregular borders and multiple colors."
@@ -1351,13 +1351,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite: {env.get('gpu', 'dry run on CPU')}, torch {env['torch']}, stages {', '.join(args.stages)}, "
               f"isolation {isolation}, text encoder {text_note}", flush=True)
         for stage in (STAGE_BY_NAME[n] for n in args.stages):
-            budget = min(budgets[stage.name], deadline - time.time() - REPORT_RESERVE_S)
+            left = deadline - time.time() - REPORT_RESERVE_S
+            budget = min(budgets[stage.name], left)
             print(f"\n== {stage.name} ({budget:.0f} s): {stage.title}", flush=True)
             t0 = time.time()
-            if budget < MIN_STAGE_S:
-                entry = summarise(stage, [{"kind": "skip", "what": "the whole stage", "budget": True,
-                                           "reason": f"suite budget of {args.budget_s:.0f} s spent"}, {"kind": "end"}],
-                                  0.0, max(budget, 0.0))
+            if left < MIN_STAGE_S:  # the suite's time is gone (a stage's own small budget still runs it)
+                entry = summarise(stage, [{"kind": "skip", "what": "the whole stage", "budget": True, "reason":
+                                           f"suite budget spent ({max(left, 0):.0f} s of {args.budget_s:.0f} s left)"},
+                                          {"kind": "end"}], 0.0, max(budget, 0.0))
             elif stage.needs_text and text_model is None:
                 entry = summarise(stage, [{"kind": "skip", "what": "the whole stage", "budget": False,
                                            "reason": text_note}, {"kind": "end"}], 0.0, budget)
