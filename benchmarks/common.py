@@ -11,16 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo`` on Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from cmgnet.train.variants import cpu_name
 
 
 def hardware() -> dict:

@@ -27,6 +27,7 @@ from cmgnet.deploy.predict import lesion_statistics
 from cmgnet.deploy.runtime import bundle_text_encoder, onnxruntime_session, postprocess, preprocess
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, SPEC_NAME, TEXT_CACHE_DIR
 from cmgnet.deploy.trt_engine import onnx_input_dims, profile_shapes
+from cmgnet.errors import UsageError
 from cmgnet.model import CMGNet
 from cmgnet.text import NEUTRAL_SENTENCE
 from cmgnet.text.pseudo_text import TEMPLATES
@@ -202,8 +203,10 @@ def test_text_forms_and_regimes(exported):
     assert segmenter.sentences("  ", 1) == [NEUTRAL_SENTENCE]
     assert segmenter.sentences(record, 1) == ["Lesion of a 40-year-old patient."]  # metadata regime: no diagnosis
     assert segmenter.sentences([record, "x"], 2)[1] == "x"
-    assert Segmenter.load(exported["bundle"], text_regime="oracle").sentence(record).startswith(MELANOMA)
-    assert Segmenter.load(exported["bundle"], text_regime="none").sentence(record) == NEUTRAL_SENTENCE
+    with pytest.raises(UsageError, match="text_regime=metadata recorded"):  # the contract: not silently
+        Segmenter.load(exported["bundle"], text_regime="oracle")
+    assert Segmenter.load(exported["bundle"], text_regime="oracle", force=True).sentence(record).startswith(MELANOMA)
+    assert Segmenter.load(exported["bundle"], text_regime="none", force=True).sentence(record) == NEUTRAL_SENTENCE
     with pytest.raises(ValueError, match="2 texts for 3 images"):
         segmenter.sentences(["a", "b"], 3)
     with pytest.raises(ValueError, match="text_regime"):

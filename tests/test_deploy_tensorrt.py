@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cmgnet.deploy import BackendUnavailableError, DeployError, DeploySpec, EngineMismatchError, Segmenter, TextSpec
-from cmgnet.deploy.spec import ENGINE_NAME, SPEC_NAME
+from cmgnet.deploy.spec import ENGINE_NAME, SPEC_NAME, file_sha256
 from cmgnet.deploy.torch_trt import TorchTensorRTRunner, compile_torch_tensorrt
 from cmgnet.deploy.trt_engine import (
     EngineEnvironment,
@@ -126,7 +126,8 @@ def test_torch_tensorrt_missing(no_tensorrt, tmp_path, make_tiny_config):
         compile_torch_tensorrt(CMGNet(make_tiny_config()), SPEC, tmp_path / "model_trt.ep")
     path = tmp_path / "model_trt.ep"
     path.write_bytes(b"program")
-    _metadata(kind="torch-tensorrt", onnx_sha256=None, torch_version=torch.__version__).save(metadata_path(path))
+    _metadata(kind="torch-tensorrt", onnx_sha256=None, torch_version=torch.__version__,
+              artifact_sha256=file_sha256(path)).save(metadata_path(path))
     with pytest.raises(BackendUnavailableError, match="torch-tensorrt is not installed"):
         TorchTensorRTRunner(path)
 
