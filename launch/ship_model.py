@@ -66,7 +66,7 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], record: dict)
     h, w = record["image_size"]
     mean, std = torch.tensor(record["mean"]).view(3, 1, 1), torch.tensor(record["std"]).view(3, 1, 1)
     batch = torch.stack([
-        (torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
+        (torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
          / 255.0 - mean) / std for p in images
     ])
     masks = []
@@ -94,7 +94,7 @@ def results_table(rows: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         p, q = r["per_image_mean"], r["pooled"]
-        regime = r["text_regime"] + (" (oracle: ground-truth label)" if r["text_regime"] == "oracle" else "")
+        regime = r["text_regime"] + (" (ground-truth label)" if r["text_regime"] == "oracle" else "")
         lines.append(f"| {regime} | {'flip x4' if r.get('tta') else 'no'} | {100 * p['dice']:.1f} | "
                      f"{100 * p['iou']:.1f} | {p.get('hd95', float('nan')):.1f} | {100 * q['dice']:.1f} | "
                      f"{100 * q['iou']:.1f} |")

@@ -1,0 +1,89 @@
+"""The trained model shipped in the package: loads by name, segments the shipped examples."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from cmgnet.shipped import EXAMPLES_DIR, PRETRAINED_DIR, describe, list_pretrained, resolve_pretrained
+
+NAME = "isic-cmgnet-lite0"
+# Measured on the five shipped examples (ISIC 2017 validation images, never trained on) at their
+# original 256 px: mean Dice 0.896 (0.96-0.97, and 0.61 on the seborrheic keratosis). The bar
+# leaves room for platform rounding; a broken contract (size, normalisation) falls far below it.
+MIN_MEAN_DICE = 0.85
+
+
+def test_registry_resolves_names_and_paths(tmp_path):
+    assert NAME in list_pretrained()
+    assert resolve_pretrained(NAME) == PRETRAINED_DIR / NAME
+    assert resolve_pretrained(tmp_path) == tmp_path  # a path stays a path
+    row = next(r for r in describe() if r["name"] == NAME)
+    assert row["arch"] == "cmgnet" and row["encoder"] == "efficientnet-lite0"
+    assert float(row["size_mb"]) < 20.0
+
+
+def test_shipped_weights_are_fp16_and_load_by_name():
+    from safetensors import safe_open
+
+    from cmgnet.model import SegmentationModel
+
+    with safe_open(str(PRETRAINED_DIR / NAME / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes
+    net = SegmentationModel.from_pretrained(NAME).eval()
+    assert net.config.encoder == "efficientnet-lite0" and net.inference.image_size == (192, 192)
+    assert next(net.parameters()).dtype == torch.float32  # fp16 on disk, fp32 to compute
+
+
+def test_shipped_model_segments_the_examples(tmp_path):
+    from cmgnet.demo import segment_examples
+
+    dice = segment_examples(tmp_path / "out")
+    assert len(dice) == len(list((EXAMPLES_DIR / "images").glob("*.jpg"))) == 5
+    assert sum(dice.values()) / len(dice) > MIN_MEAN_DICE, dice
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 5
+
+
+def test_cli_lists_the_model_and_prints_its_card(capsys):
+    from cmgnet.cli import main
+
+    assert main(["models"]) == 0
+    assert NAME in capsys.readouterr().out
+    assert main(["models", NAME]) == 0
+    card = capsys.readouterr().out
+    assert "CC BY-NC 4.0" in card and "Not a medical device" in card and "| metadata |" in card
+
+
+def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
+    sys.path.insert(0, str(PRETRAINED_DIR.parents[1] / "launch"))
+    import ship_model
+    import yaml
+
+    from cmgnet.inference import InferenceRecord
+    from cmgnet.metrics import per_image_rows
+    from cmgnet.model import CMGNet
+    from cmgnet.train.evaluate import build_result
+
+    src = tmp_path / "best"
+    net = CMGNet(make_tiny_config(encoder="efficientnet-lite0", fusion_scales=(32,), fusion_layers=(1,)))
+    net.inference = InferenceRecord(image_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3, stride=32)
+    net.save_pretrained(src)
+    exp = {"train": {"epochs": 1, "batch_size": 2}, "optim": {"lr": 1e-3, "encoder_lr_mult": 0.3},
+           "data": {"augment": "paper", "text_regime_train": "oracle"}}
+    (src / "experiment.yaml").write_text(yaml.safe_dump(exp))
+    rows = per_image_rows(torch.ones(2, 1, 8, 8, dtype=torch.bool), torch.ones(2, 1, 8, 8, dtype=torch.bool), ["a", "b"])
+    result = build_result(rows, "test", "metadata", True)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"test/metadata": result.to_json()}))
+    out = tmp_path / "shipped"
+    assert ship_model.main(["--checkpoint", str(src), "--name", "tiny", "--eval", str(tmp_path / "eval"),
+                            "--wall-time", "1 min", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "| metadata | no | 100.0 |" in card
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values() if v.is_floating_point())
