@@ -51,30 +51,19 @@ def _fp16(src: Path, dst: Path) -> None:
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(dst))
 
 
-def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], record: dict) -> float:
-    """Fraction of mask pixels on which the fp16 copy agrees with the fp32 weights.
+def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path]) -> float:
+    """Fraction of mask pixels on which the fp16 copy agrees with the fp32 weights, both served
+    through :class:`~cmgnet.deploy.Segmenter` (the recorded preprocessing, as ``predict`` does).
 
     Raises:
         SystemExit: below 99.5% agreement (fp16 rounding must not change the masks).
     """
     import numpy as np
-    import torch
-    from PIL import Image
 
-    from cmgnet.model import SegmentationModel
+    from cmgnet.deploy import Segmenter
 
-    h, w = record["image_size"]
-    mean, std = torch.tensor(record["mean"]).view(3, 1, 1), torch.tensor(record["std"]).view(3, 1, 1)
-    batch = torch.stack([
-        (torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
-         / 255.0 - mean) / std for p in images
-    ])
-    masks = []
-    for folder in (fp32_dir, fp16_dir):
-        net = SegmentationModel.from_pretrained(folder).eval()
-        with torch.no_grad():
-            masks.append(torch.sigmoid(net(batch, text=["Skin lesion."] * len(images))) > record["threshold"])
-    agree = float((masks[0] == masks[1]).float().mean())
+    masks = [[p.mask for p in Segmenter.load(folder).predict(images)] for folder in (fp32_dir, fp16_dir)]
+    agree = float(np.mean([(a == b).mean() for a, b in zip(*masks)]))
     if agree < 0.995:
         raise SystemExit(f"fp16 weights change {100 * (1 - agree):.2f}% of mask pixels: not shipped")
     return agree
@@ -145,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from cmgnet.shipped import EXAMPLES_DIR
 
     record = json.loads((src / "inference.json").read_text())
-    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")), record)
+    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")))
     print(f"fp16 vs fp32 masks on the examples: {100 * agree:.3f}% of pixels agree")
     model = SegmentationModel.from_pretrained(tmp)
     cfg = model.config

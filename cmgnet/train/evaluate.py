@@ -262,12 +262,6 @@ def predict_diagnoses(
     return dict(pairs)
 
 
-def diagnosis_accuracy(predicted: Mapping[str, str], truth: Mapping[str, str | None]) -> float | None:
-    """Fraction of samples with a known diagnosis whose prediction is right (``None``: none known)."""
-    known = [(predicted[k], d) for k, d in truth.items() if d and d != "unknown" and k in predicted]
-    return sum(p == d for p, d in known) / len(known) if known else None
-
-
 class Evaluator:
     """Scores a model on any split under any text regime, sample-exactly across processes.
 
@@ -316,10 +310,10 @@ class Evaluator:
         if text_regime == "predicted":
             predicted = self.predicted_diagnoses(split)
             truth = self.data.diagnoses(split)
-            info["diagnosis_accuracy"] = diagnosis_accuracy(predicted, truth)
             train = Counter(d for d in self.data.diagnoses("train").values() if d and d != "unknown")
             majority = train.most_common(1)[0][0] if train else None
             info["diagnosis"] = diagnosis_report(predicted, truth, majority)
+            info["diagnosis_accuracy"] = info["diagnosis"].get("accuracy")  # None: no known diagnosis
             predicted = vote(predicted)
         loader = self.data.eval_loader(split, self.batch_size, text_regime, predicted)
         rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,

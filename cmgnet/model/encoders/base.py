@@ -52,6 +52,12 @@ def list_encoders() -> list[str]:
     return sorted(ENCODERS)
 
 
+def _factory(name: str) -> Callable[..., Encoder]:
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
+    return ENCODERS[name]
+
+
 def create_encoder(name: str, in_channels: int = 3, weights: str | None = None, **options) -> Encoder:
     """Build a registered encoder.
 
@@ -64,15 +70,11 @@ def create_encoder(name: str, in_channels: int = 3, weights: str | None = None, 
     Returns:
         The encoder.
     """
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
     weights = None if weights in (None, "", "none") else weights
-    return ENCODERS[name](in_channels=in_channels, weights=weights, **options)
+    return _factory(name)(in_channels=in_channels, weights=weights, **options)
 
 
 def encoder_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` the named encoder's weights expect (without building it)."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
-    cls = getattr(ENCODERS[name], "encoder_class", Encoder)
+    cls = getattr(_factory(name), "encoder_class", Encoder)
     return tuple(cls.mean), tuple(cls.std)
