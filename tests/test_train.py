@@ -49,6 +49,14 @@ def test_yaml_overrides_and_base(tmp_path):
     assert flatten(to_dict(cfg))["optim.lr"] == 1e-3
 
 
+def test_yaml_1_2_booleans_keep_no_a_string(tmp_path):
+    # YAML 1.1 reads `no`/`yes`/`off` as booleans; mixed_precision's documented value is "no".
+    (tmp_path / "c.yaml").write_text("train: {mixed_precision: no}\nmodel: {masa: false}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.channels_last=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.model.masa is False and cfg.train.channels_last is True
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize("override, error", [
     ("optim.lrr=1", KeyError), ("train.epochs=many", TypeError), ("model.masa=3", TypeError),
     ("data.text_regime_eval=psychic", ValueError), ("novalue", ValueError),
@@ -163,6 +171,30 @@ def test_time_limit_stops_with_checkpoint_validation_and_evaluation(data_root, t
     # Wall time is accounted once across checkpoints (it bounds the time limit).
     full = Trainer(tiny_experiment(data_root, tmp_path / "f", "train.epochs=1", "train.checkpoint_every_steps=1")).fit()
     assert 0 < full.state.elapsed_s <= time.perf_counter() - start
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state, fixed by the first Accelerator (fp32 in this suite)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_channels_last_trains_saves_and_resumes(data_root, tmp_path, fresh_accelerate_state):
+    common = ["train.mixed_precision=bf16", "train.channels_last=true", "train.checkpoint_every_steps=2", "eval.splits=[]"]
+    first = Trainer(tiny_experiment(data_root, tmp_path, "train.epochs=1", *common))
+    result = first.fit()
+    assert first.accelerator.mixed_precision == "bf16"
+    conv = next(p for p in first._unwrapped().parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    model = SegmentationModel.from_pretrained(result.best_dir).eval()  # plain NCHW fp32 weights on disk
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.rand(1, 3, 32, 32), text=["Skin lesion."])).all()
+    resumed = Trainer(tiny_experiment(data_root, tmp_path, "train.epochs=2", *common)).fit()
+    assert resumed.state.global_step == 2 * result.state.global_step
 
 
 # ---------------------------------------------------------------- a short run

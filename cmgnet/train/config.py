@@ -18,12 +18,13 @@ wrong model silently.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -92,7 +93,10 @@ class TrainConfig:
             ``batch_size * grad_accum * num_processes``.
         grad_accum: micro-steps per optimiser step.
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (loss scaling); an ``accelerate
-            launch --mixed_precision`` flag takes precedence.
+            launch --mixed_precision`` flag takes precedence. On a CPU with AVX512-BF16 (e.g.
+            AMD Zen 4), ``bf16`` halves the step time of the pretrained recipe.
+        channels_last: keep the networks' weights and activations NHWC, the layout oneDNN
+            and cuDNN convolutions prefer (faster on CPU, and with tensor cores).
         seed: seeds Python, NumPy and torch (model init is identical on every rank; per-rank
             randomness is offset by the rank).
         deterministic: ``torch.use_deterministic_algorithms`` (slower; exact reruns on CPU).
@@ -124,6 +128,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     mixed_precision: str = "no"
+    channels_last: bool = False
     seed: int = 0
     deterministic: bool = False
     val_every: int = 1
@@ -165,6 +170,9 @@ class EvalConfig:
         batch_size: evaluation batch per process (0: ``train.batch_size``).
         tta: flip test-time augmentation in the final evaluation (4 forwards per image;
             validation during training never uses it).
+        postprocess: mask post-processing of the final evaluation and of serving
+            (:mod:`cmgnet.model.postprocess`): ``none``, ``largest`` (largest connected
+            component), ``fill`` (fill holes) or ``largest+fill``.
     """
 
     val_split: str = "val"
@@ -175,6 +183,7 @@ class EvalConfig:
     overlays: int = 8
     batch_size: int = 0
     tta: bool = False
+    postprocess: Literal["none", "largest", "fill", "largest+fill"] = "none"
 
 
 @dataclass
@@ -355,12 +364,28 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only ``true``/``false``, so ``mixed_precision: no`` stays the string ``"no"``."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ValueError(f"{path}: circular 'base:' chain {' -> '.join(map(str, seen))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"cannot read config {path}: {err}") from err
     if not isinstance(raw, dict):
@@ -401,7 +426,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
-        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+        node[leaf] = _load_yaml(text) if text.strip() else ""
     return tree
 
 

@@ -225,6 +225,10 @@ class Trainer:
         self.classifier = self._build_classifier()
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            if self.classifier is not None:
+                self.classifier = self.classifier.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg.loss)
         train_loader = self.data.train_loader(cfg.train.batch_size, 0)
         self.steps_per_epoch = len(train_loader) // cfg.train.grad_accum
@@ -531,6 +535,8 @@ class Trainer:
         """
         acc, cfg = self.accelerator, self.cfg
         image = batch["image"].to(acc.device, non_blocking=True)
+        if cfg.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         mask = batch["mask"].to(acc.device, non_blocking=True)
         models = (self.model,) if self.classifier is None else (self.model, self.classifier)
         self.model.train()
