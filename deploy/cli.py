@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from cmgnet.cliargs import add_out_argument, make_parser
 from cmgnet.errors import DEBUG_FLAG
+from cmgnet.inference import POSTPROCESS_MODES
 
 from .spec import BACKENDS, DEFAULT_OPSET, SEGMENTER_TEXT_REGIMES
 
@@ -90,6 +91,8 @@ def predict_parser() -> argparse.ArgumentParser:
     contract.add_argument("--image-size", type=int, default=None, help="network input side")
     contract.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean (0..1 scale)")
     contract.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std (0..1 scale)")
+    contract.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
+                          help="mask post-processing: largest connected component and/or filled holes")
     contract.add_argument("--force", action="store_true", help="accept values that contradict the model's record")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")

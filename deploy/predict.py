@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model, backend=args.backend, device=args.device, num_threads=args.threads,
         image_size=args.image_size, mean=args.mean, std=args.std, force=args.force,
         batch_size=args.batch_size, threshold=args.threshold, text_regime=args.text_regime, tta=args.tta,
+        postprocess=args.postprocess,
     )
     (out / "masks").mkdir(parents=True, exist_ok=True)
     if not args.no_overlays:

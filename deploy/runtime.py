@@ -51,6 +51,7 @@ from cmgnet.errors import load_safetensors
 from cmgnet.inference import INFERENCE_NAME, resolve
 from cmgnet.model import SegmentationModel
 from cmgnet.model.base import CONFIG_NAME, WEIGHTS_NAME
+from cmgnet.model.postprocess import check_mode, clean_mask
 from cmgnet.text import NEUTRAL_SENTENCE, TextEncoder, TextFeatureCache
 from cmgnet.text.pseudo_text import make_sentence
 
@@ -148,12 +149,14 @@ def preprocess(images: Sequence[np.ndarray], spec: DeploySpec) -> Tensor:
 
 
 def postprocess(
-    logits: Tensor, sizes: Sequence[tuple[int, int]], threshold: float, center_crop: bool = False
+    logits: Tensor, sizes: Sequence[tuple[int, int]], threshold: float, center_crop: bool = False,
+    mode: str = "none",
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``B x 1 x h x w`` logits -> ``(probability, mask)`` per image at its original ``(H, W)``.
 
     With ``center_crop`` the network saw the centred square only: its output is resized to
-    that square and placed there; the rest of the image has probability 0.
+    that square and placed there; the rest of the image has probability 0. ``mode`` cleans
+    the thresholded mask (:func:`cmgnet.model.postprocess.clean_mask`).
     """
     probability = torch.sigmoid(logits.float())
     out = []
@@ -171,7 +174,7 @@ def postprocess(
             full = np.zeros(tuple(size), dtype=np.float32)
             full[top : top + height, left : left + width] = p
             p = full
-        out.append((p, p > threshold))
+        out.append((p, clean_mask(p > threshold, mode)))
     return out
 
 
@@ -348,6 +351,7 @@ class Segmenter:
         text_regime: how metadata records become sentences: ``none``, ``metadata`` (age,
             sex, site only) or ``oracle`` (also the record's diagnosis); ``None``: the spec's.
         tta: average the logits over flips (``cmgnet.model.tta``); ``None``: the spec's.
+        postprocess: mask post-processing (:mod:`cmgnet.model.postprocess`); ``None``: the spec's.
 
     Example:
         >>> seg = Segmenter.load("exported/model.onnx")
@@ -365,6 +369,7 @@ class Segmenter:
         threshold: float | None = None,
         text_regime: str | None = None,
         tta: bool | None = None,
+        postprocess: str | None = None,
     ) -> None:
         text_regime = spec.text_regime if text_regime is None else text_regime
         if text_regime not in SEGMENTER_TEXT_REGIMES:
@@ -380,6 +385,7 @@ class Segmenter:
         self.threshold = spec.threshold if threshold is None else threshold
         self.text_regime = text_regime
         self.tta = spec.tta if tta is None else bool(tta)
+        self.postprocess = check_mode(spec.postprocess if postprocess is None else postprocess)
 
     @property
     def backend(self) -> str:
@@ -436,9 +442,10 @@ class Segmenter:
             device: ``auto``, ``cpu`` or ``cuda`` (TensorRT always runs on the GPU).
             num_threads: ONNX Runtime intra-op threads.
             image_size, mean, std: preprocessing; ``None`` (default) takes the recorded values.
-            force: accept ``image_size``/``mean``/``std``/``threshold``/``text_regime``/``tta``
-                values that contradict the record (with a warning) instead of raising.
-            **kwargs: ``batch_size``, ``threshold``, ``text_regime``, ``tta`` (see the constructor).
+            force: accept ``image_size``/``mean``/``std``/``threshold``/``text_regime``/``tta``/
+                ``postprocess`` values that contradict the record (with a warning) instead of raising.
+            **kwargs: ``batch_size``, ``threshold``, ``text_regime``, ``tta``, ``postprocess`` (see
+                the constructor).
 
         Returns:
             The segmenter.
@@ -456,7 +463,8 @@ class Segmenter:
             raise DeployError(f"{path}: no such file or directory")
         given = {"image_size": (image_size,) * 2 if isinstance(image_size, int) else image_size,
                  "mean": mean, "std": std, "threshold": kwargs.pop("threshold", None),
-                 "text_regime": kwargs.pop("text_regime", None), "tta": kwargs.pop("tta", None)}
+                 "text_regime": kwargs.pop("text_regime", None), "tta": kwargs.pop("tta", None),
+                 "postprocess": kwargs.pop("postprocess", None)}
         if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
             if backend not in ("auto", "torch"):
                 raise DeployError(
@@ -538,7 +546,8 @@ class Segmenter:
                 raise DeployError(
                     f"backend {self.backend} returned logits of shape {tuple(logits.shape)} for {len(chunk)} images"
                 )
-            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.spec.center_crop)
+            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.spec.center_crop,
+                                  self.postprocess)
             used = chunk_sentences if self.spec.text is not None else [""] * len(chunk)  # image-only: no text
             predictions += [Prediction(m, p, s) for (p, m), s in zip(results, used)]
         return predictions

@@ -89,6 +89,7 @@ class DeploySpec:
             pasted back into the crop, background outside it.
         text_regime: default regime turning metadata records into sentences.
         tta: flip test-time augmentation by default.
+        postprocess: mask post-processing (:mod:`cmgnet.model.postprocess`).
     """
 
     model: str
@@ -103,9 +104,10 @@ class DeploySpec:
     center_crop: bool = False
     text_regime: str = "metadata"
     tta: bool = False
+    postprocess: str = "none"
 
     def __post_init__(self) -> None:
-        fields = {k: getattr(self, k) for k in ("mean", "std", "threshold", "center_crop", "tta")}
+        fields = {k: getattr(self, k) for k in ("mean", "std", "threshold", "center_crop", "tta", "postprocess")}
         if problems := validate_fields(fields):
             raise DeployError("; ".join(problems))
         if not (isinstance(self.image_size, tuple) and len(self.image_size) == 2):
@@ -139,7 +141,7 @@ class DeploySpec:
             )
         # Checked key by key first: a 1-element mean must be refused here, not fail every image later.
         if problems := validate_fields({k: data[k] for k in ("image_size", "mean", "std", "threshold", "stride",
-                                                              "center_crop", "tta") if k in data}):
+                                                              "center_crop", "tta", "postprocess") if k in data}):
             raise DeployError(f"{source}: malformed deploy spec: {'; '.join(problems)}; re-export with `cmgnet export`")
         try:
             text = TextSpec(**data["text"]) if data.get("text") is not None else None
@@ -148,7 +150,7 @@ class DeploySpec:
                 mean=tuple(data["mean"]), std=tuple(data["std"]), threshold=float(data["threshold"]), text=text,
                 opset=data.get("opset"), model_config=data.get("model_config", {}),
                 center_crop=data.get("center_crop", False), text_regime=data.get("text_regime", "metadata"),
-                tta=data.get("tta", False),
+                tta=data.get("tta", False), postprocess=data.get("postprocess", "none"),
             )
         except (KeyError, TypeError, ValueError) as err:
             what = f"missing key {err}" if isinstance(err, KeyError) else f"{err.__class__.__name__}: {err}"
@@ -215,6 +217,7 @@ def spec_for_model(
         mean=tuple(record.mean if mean is None else mean), std=tuple(record.std if std is None else std),
         threshold=record.threshold if threshold is None else threshold, text=text,
         model_config=dataclasses.asdict(config), center_crop=record.center_crop, text_regime=regime, tta=record.tta,
+        postprocess=record.postprocess,
     )
 
 

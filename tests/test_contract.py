@@ -1,8 +1,9 @@
 """Issue 11, part 1: one inference contract from training to serving.
 
-A tiny model is trained at a non-default size (48 px) and normalisation (mean 0.5, std 0.25);
-checkpoint, exported bundle (ONNX Runtime), MLflow pyfunc model and ``cmgnet predict`` must
-then give the masks ``evaluate`` scored, without any setting retyped.
+A tiny model is trained at a non-default size (48 px), normalisation (mean 0.5, std 0.25) and
+mask post-processing (largest component + filled holes); checkpoint, exported bundle (ONNX
+Runtime), MLflow pyfunc model and ``cmgnet predict`` must then give the masks ``evaluate``
+scored, without any setting retyped.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
     data = synthetic_dataset(root / "data", n_train=8, n_val=4, n_test=4, size=SIZE)
     cfg = tiny_experiment(data, root / "runs", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
-                          "data.text_regime_eval=none", "eval.hd95=false", image_size=SIZE)
+                          "data.text_regime_eval=none", "eval.hd95=false", "eval.postprocess=largest+fill",
+                          image_size=SIZE)
     result = Trainer(cfg).fit()
     bundle = root / "bundle"
     assert cli_main(["export", str(result.best_dir), "--out", str(bundle), "--verify-batches", "1"]) == 0
@@ -60,10 +62,12 @@ def test_the_record_is_written_beside_every_copy_of_the_weights(trained):
     record = InferenceRecord.load(best)
     assert record.image_size == (SIZE, SIZE) and record.mean == MEAN and record.std == STD
     assert record.text_regime == "none" and record.text_model == "tiny-random-bert" and record.stride == 16
+    assert record.postprocess == "largest+fill"
     checkpoints = sorted((best.parent / "checkpoints").glob("step-*/model"))
     assert checkpoints and all(InferenceRecord.load(c) == record for c in checkpoints)
     spec = DeploySpec.load(trained["bundle"] / "deploy.json")  # export was given no size or normalisation
     assert spec.image_size == (SIZE, SIZE) and spec.mean == MEAN and spec.std == STD and spec.text_regime == "none"
+    assert spec.postprocess == "largest+fill"
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "bundle"])
@@ -118,6 +122,8 @@ def test_a_contradicting_value_is_refused_unless_forced(trained, tmp_path, capsy
     with pytest.raises(UsageError, match="--mean 0.485 0.456 0.406 overrides mean=0.5 0.5 0.5"):
         Segmenter.load(trained["bundle"], mean=(0.485, 0.456, 0.406))
     assert Segmenter.load(trained["bundle"], threshold=0.5).threshold == 0.5  # agreeing values are fine
+    with pytest.raises(UsageError, match="--postprocess none overrides postprocess=largest"):
+        Segmenter.load(trained["best"], postprocess="none")
     bundle = tmp_path / "bundle"
     rc = cli_main(["export", str(trained["best"]), "--out", str(bundle), "--threshold", "0.7", "--verify-batches"])
     assert rc == 2 and "--threshold 0.7 overrides threshold=0.5" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cmgnet.errors import cli_entry
+from cmgnet.inference import POSTPROCESS_MODES
 
 TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
 
@@ -136,6 +137,9 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
                         help="overlay PNGs per split and regime (default: the config's eval.overlays)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (eval.tta=true)")
+    parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
+                        help="mask post-processing: largest connected component and/or filled holes "
+                             "(default: the config's eval.postprocess)")
     parser.add_argument("--track", action="store_true", help="log the results as a new MLflow run")
     args = parser.parse_args(argv)
     from .config import load_config
@@ -154,6 +158,8 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
     if args.tta:
         eval_cfg = dataclasses.replace(eval_cfg, tta=True)
+    if args.postprocess is not None:
+        eval_cfg = dataclasses.replace(eval_cfg, postprocess=args.postprocess)
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
     if args.print_config:
         return _print_config(cfg)

@@ -26,6 +26,7 @@ from torch import nn
 
 from cmgnet.metrics import CONVENTIONS, COUNT_KEYS, EMPTY_CONVENTION, METRICS, per_image_rows, summarize
 
+from cmgnet.model.postprocess import clean_masks
 from cmgnet.model.tta import flip_tta
 
 from .config import ExperimentConfig
@@ -132,6 +133,7 @@ def predict_rows(
     std: Sequence[float] = (1.0, 1.0, 1.0),
     progress: bool = False,
     tta: bool = False,
+    postprocess: str = "none",
 ) -> list[dict[str, Any]]:
     """Run the model over a (sharded) loader and return every image's metrics row, gathered.
 
@@ -146,6 +148,7 @@ def predict_rows(
         mean, std: the loader's normalisation, to show the image in overlays.
         progress: show a progress bar (main process only).
         tta: flip test-time augmentation (:func:`cmgnet.model.tta.flip_tta`, 4 forwards).
+        postprocess: mask post-processing (:func:`cmgnet.model.postprocess.clean_masks`).
 
     Returns:
         Rows of all ranks (identical list on every rank).
@@ -169,7 +172,7 @@ def predict_rows(
         image = batch["image"].to(accelerator.device, non_blocking=True)
         text = list(batch["text"])
         logits = flip_tta(model, image, text=text) if tta else model(image, text=text).float()
-        pred = torch.sigmoid(logits) > threshold
+        pred = clean_masks(torch.sigmoid(logits) > threshold, postprocess)
         target = batch["mask"].to(pred.device) > 0.5
         ids = [str(i) for i in batch["image_id"]]
         rows.extend(per_image_rows(pred.cpu(), target.cpu(), ids, with_hd95=with_hd95))
@@ -304,7 +307,8 @@ class Evaluator:
         Returns:
             The :class:`EvalResult` (identical on every process).
         """
-        info = {"threshold": self.cfg.eval.threshold, "tta": tta, "dataset": self.cfg.data.root, "format": self.cfg.data.format,
+        info = {"threshold": self.cfg.eval.threshold, "tta": tta, "postprocess": self.cfg.eval.postprocess,
+                "dataset": self.cfg.data.root, "format": self.cfg.data.format,
                 "protocol": self.cfg.data.protocol, "image_size": self.cfg.data.image_size, **info}
         predicted = None
         if text_regime == "predicted":
@@ -319,7 +323,8 @@ class Evaluator:
         rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,
                             with_hd95=with_hd95, overlay_dir=overlay_dir,
                             n_overlays=self.cfg.eval.overlays if overlay_dir else 0,
-                            mean=self.cfg.data.mean, std=self.cfg.data.std, tta=tta)
+                            mean=self.cfg.data.mean, std=self.cfg.data.std, tta=tta,
+                            postprocess=self.cfg.eval.postprocess)
         return build_result(rows, split, text_regime, with_hd95, **info)
 
     def run(self, splits: Sequence[str], text_regimes: Sequence[str], out_root: Path | None,
