@@ -17,8 +17,8 @@ Stages, in order (seconds of budget on a GPU / in ``--dry-run``):
    ``write_dispatch`` rewrites ``kernels/dispatch_table.py`` from what was measured.
 3. ``train_step`` (110 / 120): training-step images/s and peak memory of the paper-sized
    CMG-Net and the plain U-Net at 256 px, batch 16 (32 last): fp32, bf16 autocast and fp16
-   with loss scaling; eager with the kernels off (SDPA) and on (Triton), and
-   ``torch.compile``.
+   with loss scaling; eager with the kernels off (SDPA) and on (Triton), bf16 in
+   channels-last, and ``torch.compile``.
 4. ``latency`` (90 / 90): inference latency at batch 1, 8 and 32 through
    ``benchmarks/latency.py``'s runners: eager fp32/fp16/bf16, a captured CUDA graph,
    ``torch.compile`` (fp32) and ``torch.compile(mode="reduce-overhead")`` (CUDA graphs, fp16),
@@ -787,8 +787,12 @@ PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, kernels_on: bool, batch: int,
-                   size: int, device, warmup: int, iters: int) -> dict[str, Any]:
-    """Time forward + Dice/BCE loss + backward + AdamW on synthetic tensors; peak memory of the timed steps."""
+                   size: int, device, warmup: int, iters: int, channels_last: bool = False) -> dict[str, Any]:
+    """Time forward + Dice/BCE loss + backward + AdamW on synthetic tensors; peak memory of the timed steps.
+
+    ``channels_last`` times the model and input in NHWC (``train.channels_last``); the model is
+    returned to the default layout afterwards, as the next row expects.
+    """
     import torch
 
     from cmgnet import kernels
@@ -797,7 +801,9 @@ def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, ke
     from cmgnet.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, size, size, device=device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.5).float()
     text = text_inputs(model, batch, device)
     loss_fn = build_loss(LossConfig())
@@ -833,8 +839,9 @@ def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, ke
     median = statistics.median(times)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     del optimizer, net
+    model.to(memory_format=torch.contiguous_format)
     return {"model": arch, "precision": precision, "mode": mode, "kernels": "on" if kernels_on else "off",
-            "batch": batch, "size": size, "step_ms": round(1e3 * median, 1),
+            "batch": batch, "size": size, "layout": "channels_last" if channels_last else "nchw", "step_ms": round(1e3 * median, 1),
             "images_per_s": round(batch / median, 1), "peak_gib": peak, "first_step_s": round(first_s, 1)}
 
 
@@ -851,17 +858,19 @@ def stage_train_step(ctx: Context, rec: Recorder) -> None:
     size = 32 if ctx.dry_run else 256
     warmup, iters = (1, 1) if ctx.dry_run else (3, 10)
     small, large = (2, 4) if ctx.dry_run else (16, 32)
-    plan: list[tuple[str, str, str, bool, int]] = []  # (arch, precision, mode, kernels on, batch), by priority
+    # (arch, precision, mode, kernels on, batch, channels-last), by priority
+    plan: list[tuple[str, str, str, bool, int, bool]] = []
     for precision in ("bf16", "fp16", "fp32"):
-        plan += [("cmgnet", precision, "eager", False, small), ("cmgnet", precision, "eager", True, small),
-                 ("unet", precision, "eager", False, small)]
+        plan += [("cmgnet", precision, "eager", False, small, False), ("cmgnet", precision, "eager", True, small, False),
+                 ("unet", precision, "eager", False, small, False)]
+    plan += [("cmgnet", "bf16", "eager", False, small, True), ("unet", "bf16", "eager", False, small, True)]
     for precision in ("bf16", "fp16", "fp32"):
-        plan += [("cmgnet", precision, "compile", False, small), ("unet", precision, "compile", False, small)]
-    plan += [("cmgnet", "bf16", "eager", False, large), ("cmgnet", "bf16", "eager", True, large),
-             ("unet", "bf16", "eager", False, large)]
+        plan += [("cmgnet", precision, "compile", False, small, False), ("unet", precision, "compile", False, small, False)]
+    plan += [("cmgnet", "bf16", "eager", False, large, False), ("cmgnet", "bf16", "eager", True, large, False),
+             ("unet", "bf16", "eager", False, large, False)]
     if ctx.dry_run:  # one row per code path: the interpreter runs the kernels at seconds per step
-        plan = [("cmgnet", "bf16", "eager", False, small), ("cmgnet", "fp32", "eager", True, 1),
-                ("unet", "fp16", "eager", False, small), ("cmgnet", "bf16", "compile", False, small)]
+        plan = [("cmgnet", "bf16", "eager", False, small, False), ("cmgnet", "fp32", "eager", True, 1, False),
+                ("unet", "fp16", "eager", False, small, True), ("cmgnet", "bf16", "compile", False, small, False)]
         rec.skip("the other precision / mode / batch rows", "dry run: one row per code path")
     rec.skip("compile with kernels on", "kernels run eagerly only: under torch.compile the dispatcher takes the "
              "PyTorch path, so that row would repeat the kernels-off one")
@@ -870,19 +879,19 @@ def stage_train_step(ctx: Context, rec: Recorder) -> None:
         rec.skip("kernels-on rows", "triton is not installed")
     models: dict[str, Any] = {}
     cost: dict[str, float] = {}  # last measured duration per mode: the estimate for the next row
-    for arch, precision, mode, on, batch in plan:
-        what = f"{arch} {precision} {mode} kernels {'on' if on else 'off'} batch {batch}"
+    for arch, precision, mode, on, batch, nhwc in plan:
+        what = f"{arch} {precision} {mode} kernels {'on' if on else 'off'} batch {batch}{' channels-last' if nhwc else ''}"
         if not rec.fits(what, cost.get(mode, 10.0 if mode == "eager" else 40.0)):
             continue
         start = time.perf_counter()
         try:
             if arch not in models:
                 models[arch] = build_model(ctx, arch).to(device).train()
-            row = train_step_row(ctx, models[arch], arch, precision, mode, on, batch, size, device, warmup, iters)
+            row = train_step_row(ctx, models[arch], arch, precision, mode, on, batch, size, device, warmup, iters, nhwc)
             rec.row("train_step", **row)
         except Exception as err:  # noqa: BLE001 - an OOM or compile error loses one row, not the stage
             rec.row("train_step", model=arch, precision=precision, mode=mode, kernels="on" if on else "off",
-                    batch=batch, size=size, error=_error_text(err))
+                    batch=batch, size=size, layout="channels_last" if nhwc else "nchw", error=_error_text(err))
         cost[mode] = time.perf_counter() - start
         torch._dynamo.reset()  # each compiled row starts from a clean cache (and frees its graphs)
         _free(device)
@@ -1153,7 +1162,7 @@ STAGE_FUNCS: dict[str, Callable[[Context, Recorder], None]] = {
 
 COLUMNS = {
     "kernels": ["op", "size", "batch", "scale", "impl", "fwd_ms", "fwd_bwd_ms", "peak_mb", "speedup", "error"],
-    "train_step": ["model", "precision", "mode", "kernels", "batch", "size", "step_ms", "images_per_s", "peak_gib",
+    "train_step": ["model", "precision", "mode", "kernels", "batch", "size", "layout", "step_ms", "images_per_s", "peak_gib",
                    "first_step_s", "error"],
     "latency": ["backend", "batch", "p50_ms", "p95_ms", "p99_ms", "img_per_s", "error"],
 }

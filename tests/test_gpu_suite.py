@@ -66,9 +66,9 @@ def test_dry_run_runs_every_stage_and_reports(tmp_path):
 
     steps = stages["train_step"]["rows"]["train_step"]
     assert all(r["images_per_s"] > 0 for r in steps), steps
-    assert {(r["model"], r["precision"], r["mode"], r["kernels"]) for r in steps} == {
-        ("cmgnet", "bf16", "eager", "off"), ("cmgnet", "fp32", "eager", "on"), ("unet", "fp16", "eager", "off"),
-        ("cmgnet", "bf16", "compile", "off")}
+    assert {(r["model"], r["precision"], r["mode"], r["kernels"], r["layout"]) for r in steps} == {
+        ("cmgnet", "bf16", "eager", "off", "nchw"), ("cmgnet", "fp32", "eager", "on", "nchw"),
+        ("unet", "fp16", "eager", "off", "channels_last"), ("cmgnet", "bf16", "compile", "off", "nchw")}
 
     latency = stages["latency"]["rows"]["latency"]
     assert {r["backend"] for r in latency} == {"eager", "compile"} and all(r["p50_ms"] > 0 for r in latency)
