@@ -790,8 +790,7 @@ def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, ke
                    size: int, device, warmup: int, iters: int, channels_last: bool = False) -> dict[str, Any]:
     """Time forward + Dice/BCE loss + backward + AdamW on synthetic tensors; peak memory of the timed steps.
 
-    ``channels_last`` times the model and input in NHWC (``train.channels_last``); the model is
-    returned to the default layout afterwards, as the next row expects.
+    Every row sets the model's layout: NHWC with ``channels_last`` (``train.channels_last``), else NCHW.
     """
     import torch
 
@@ -839,7 +838,6 @@ def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, ke
     median = statistics.median(times)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     del optimizer, net
-    model.to(memory_format=torch.contiguous_format)
     return {"model": arch, "precision": precision, "mode": mode, "kernels": "on" if kernels_on else "off",
             "batch": batch, "size": size, "layout": "channels_last" if channels_last else "nchw", "step_ms": round(1e3 * median, 1),
             "images_per_s": round(batch / median, 1), "peak_gib": peak, "first_step_s": round(first_s, 1)}

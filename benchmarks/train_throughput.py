@@ -55,37 +55,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         cfg = load_config(args.config)
         args.size, args.batch = cfg.data.image_size, cfg.train.batch_size
-        builders = {f"{cfg.name} ({cfg.arch}, {cfg.model.encoder})": lambda _width: create_model(cfg.arch, **dataclasses.asdict(cfg.model))}
-        widths = [None]
+        variants = [(f"{cfg.name} ({cfg.arch}, {cfg.model.encoder})", None,
+                     lambda: create_model(cfg.arch, **dataclasses.asdict(cfg.model)))]
     else:
-        builders = {name: (lambda width, flags=flags: CMGNet(scaled_config(width, args.text_model, **flags)))
-                    for name, flags in cost_variants().items()}
-        widths = args.widths
+        variants = [(name, width, lambda width=width, flags=flags: CMGNet(scaled_config(width, args.text_model, **flags)))
+                    for width in args.widths for name, flags in cost_variants().items()]
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=layout)
     y = (torch.rand(args.batch, 1, args.size, args.size, device=device) > 0.5).float()
     sentences = ["Asymmetric lesion with irregular borders and multiple colors."] * args.batch
     loss_fn = build_loss(LossConfig())
     rows = []
-    for width in widths:
-        for name, build in builders.items():
-            model = build(width).to(memory_format=layout).train()
-            model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig()))
+    for name, width, build in variants:
+        model = build().to(memory_format=layout).train()
+        model, optimizer = accelerator.prepare(model, build_optimizer(model, OptimConfig()))
 
-            def step(model=model, optimizer=optimizer) -> None:  # bind this variant's objects
-                loss = loss_fn(model(x, text=sentences).float(), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        def step(model=model, optimizer=optimizer) -> None:  # bind this variant's objects
+            loss = loss_fn(model(x, text=sentences).float(), y)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-            times = time_fn(step, args.warmup, args.iters, cuda=cuda)
-            median = statistics.median(times)
-            rows.append({
-                "model": name, "base_width": width, "size": args.size, "batch": args.batch,
-                "precision": args.precision, "channels_last": args.channels_last, "step_ms": round(1000 * median, 1),
-                "images_per_s": round(args.batch / median, 1),
-            })
-            print_table(rows[-1:], list(rows[-1]))
+        times = time_fn(step, args.warmup, args.iters, cuda=cuda)
+        median = statistics.median(times)
+        rows.append({
+            "model": name, "base_width": width, "size": args.size, "batch": args.batch,
+            "precision": args.precision, "channels_last": args.channels_last, "step_ms": round(1000 * median, 1),
+            "images_per_s": round(args.batch / median, 1),
+        })
+        print_table(rows[-1:], list(rows[-1]))
     print()
     print(f"training step throughput on {device}, {hardware()}")
     write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision,

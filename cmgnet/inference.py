@@ -22,13 +22,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import CheckpointError, UsageError
 
 # Mask post-processing modes (implemented in cmgnet.model.postprocess; named here so this
-# module, read by the CLI before torch, stays light).
-POSTPROCESS_MODES = ("none", "largest", "fill", "largest+fill")
+# module, read by the CLI before torch, stays light). The type also types eval.postprocess.
+PostprocessMode = Literal["none", "largest", "fill", "largest+fill"]
+POSTPROCESS_MODES: tuple[str, ...] = get_args(PostprocessMode)
 
 INFERENCE_NAME = "inference.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
