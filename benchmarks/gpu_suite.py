@@ -11,10 +11,10 @@ Stages, in order (seconds of budget on a GPU / in ``--dry-run``):
    256 and 512 px; CMFM image -> text and text -> image attention at H/16, H/8 and H/4 of
    256 px; 32 text tokens), then the whole paper-sized CMG-Net, backend ``triton`` against
    ``reference`` (output and every parameter gradient).
-2. ``dispatch`` (110 / 60): ``benchmarks/kernels.py``'s cases and measurement (eager,
+2. ``dispatch`` (110 / 60): ``benchmarks/attention_kernels.py``'s cases and measurement (eager,
    SDPA, ``torch.compile``, Triton; forward and forward + backward; peak memory), shape
    groups in priority order (256 px at batch 16, 1, 32, then 512 px, ...), then its
-   ``write_dispatch`` rewrites ``kernels/dispatch_table.py`` from what was measured.
+   ``write_dispatch`` rewrites ``cmgnet/kernels/dispatch_table.py`` from what was measured.
 3. ``train_step`` (110 / 120): training-step images/s and peak memory of the paper-sized
    CMG-Net and the plain U-Net at 256 px, batch 16 (32 last): fp32, bf16 autocast and fp16
    with loss scaling; eager with the kernels off (SDPA) and on (Triton), bf16 in
@@ -34,7 +34,7 @@ Every run writes ``gpu_suite-<gpu>.json`` and ``gpu_suite-<gpu>.md`` (GPU, drive
 torch, triton and package versions, every stage's rows, checks and skips), stage 2's raw
 timings ``kernels-<gpu>.json`` and a copy of the dispatch table it wrote into ``--out-dir``
 (default ``benchmarks/results``; the dry run defaults to a temporary folder and never
-touches ``kernels/dispatch_table.py``). ``--render-readme REPORT.json`` puts a report into
+touches ``cmgnet/kernels/dispatch_table.py``). ``--render-readme REPORT.json`` puts a report into
 README's "GPU results" block.
 
 Run it from the repository root (no ``pip install``, no ``make``, no venv needed: the script
@@ -47,7 +47,7 @@ maps ``cmgnet``, ``cmgnet.kernels`` and ``cmgnet.deploy`` onto this checkout its
 
 On the GPU machine give the command about 60 s more than ``--budget-s`` (``timeout_s=540``) and
 carry ``.cache/gpu-carry``; bring back ``gpu_suite-<gpu>.{json,md}``, ``kernels-<gpu>.json``
-(into ``benchmarks/results/``) and ``dispatch_table.py`` (into ``kernels/``). Exit code 0: no
+(into ``benchmarks/results/``) and ``dispatch_table.py`` (into ``cmgnet/kernels/``). Exit code 0: no
 stage failed (skips and budget stops are listed, not failures); 1: a stage failed or was
 killed; 2: no CUDA GPU.
 
@@ -125,7 +125,7 @@ class Stage:
 
 STAGES = (
     Stage("correctness", "Triton kernels vs PyTorch reference on CUDA (fwd + bwd, whole model)", 60, 150, True),
-    Stage("dispatch", "benchmarks/kernels.py at the model's shapes, dispatch table written", 110, 60),
+    Stage("dispatch", "benchmarks/attention_kernels.py at the model's shapes, dispatch table written", 110, 60),
     Stage("train_step", "training step: images/s and peak memory", 110, 120, True),
     Stage("latency", "inference latency per backend", 90, 90, True),
     Stage("training_run", "short bf16 training run with checkpoint + resume", 75, 120, True),
@@ -137,13 +137,13 @@ STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 class _RepoPackages(importlib.abc.MetaPathFinder):
-    """Find ``cmgnet`` and the folders pyproject maps into it (``kernels/``, ``deploy/``) in this checkout.
+    """Find ``cmgnet`` and the folder pyproject maps into it (``deploy/``) in this checkout.
 
-    The repository root itself is not put on ``sys.path``: a bare top-level ``kernels``
-    package would be mistaken for Hugging Face's ``kernels`` by transformers' probe.
+    The repository root itself is not put on ``sys.path``: its top-level folders are not
+    meant to be importable by their bare names.
     """
 
-    PACKAGES = {"cmgnet": REPO / "cmgnet", "cmgnet.kernels": REPO / "kernels", "cmgnet.deploy": REPO / "deploy"}
+    PACKAGES = {"cmgnet": REPO / "cmgnet", "cmgnet.deploy": REPO / "deploy"}
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         folder = self.PACKAGES.get(name)
@@ -154,7 +154,7 @@ class _RepoPackages(importlib.abc.MetaPathFinder):
 
 
 def install_import_shim() -> None:
-    """Make ``import cmgnet.kernels`` / ``cmgnet.deploy`` work from this checkout (installed or not)."""
+    """Make ``import cmgnet`` / ``cmgnet.deploy`` work from this checkout (installed or not)."""
     if not any(isinstance(f, _RepoPackages) for f in sys.meta_path):
         sys.meta_path.insert(0, _RepoPackages())
 
@@ -646,7 +646,7 @@ def stage_correctness(ctx: Context, rec: Recorder) -> None:
     if not kernels.HAS_TRITON:
         rec.skip("every kernel check", "triton is not installed")
         return
-    bench = bench_module("kernels")
+    bench = bench_module("attention_kernels")
     device = torch.device(ctx.device)
     shapes = bench.TINY if ctx.dry_run else bench.Shapes()
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
@@ -655,7 +655,7 @@ def stage_correctness(ctx: Context, rec: Recorder) -> None:
         rec.skip("bfloat16 kernel checks", "Triton's interpreter mishandles bfloat16 tl.dot (triton-lang/triton#11584); "
                  "checked on GPUs only")
         rec.skip("float16 kernel checks", "dry run: the interpreter's fp16 path is covered by tests/test_kernels.py")
-    # MASA at H/16 of 256 and 512 px; CMFM both ways at H/16, H/8, H/4 of 256 px (kernels.py's cases).
+    # MASA at H/16 of 256 and 512 px; CMFM both ways at H/16, H/8, H/4 of 256 px (attention_kernels.py's cases).
     plan = [("axial", 32 if ctx.dry_run else 256), ("axial", 64 if ctx.dry_run else 512),
             ("gated", 32 if ctx.dry_run else 256), ("decode", 32 if ctx.dry_run else 256)]
     torch.manual_seed(0)
@@ -729,7 +729,7 @@ def stage_dispatch(ctx: Context, rec: Recorder) -> None:
     if not kernels.HAS_TRITON:
         rec.skip("kernel benchmark", "triton is not installed")
         return
-    bench = bench_module("kernels")
+    bench = bench_module("attention_kernels")
     device = torch.device(ctx.device)
     if ctx.dry_run:
         shapes, dtype, backend, warmup, iters = bench.TINY, torch.float32, "eager", 0, 1
@@ -769,7 +769,7 @@ def stage_dispatch(ctx: Context, rec: Recorder) -> None:
     measured = {r["shape_key"] for r in rows if r["impl"] == "triton" and r["shape_key"]}
     winners = bench.dispatch_rows(rows)
     stamp = datetime.date.today().isoformat()
-    source = (f"benchmarks/gpu_suite.py {stamp} (kernels.py cases): torch {torch.__version__}, triton "
+    source = (f"benchmarks/gpu_suite.py {stamp} (attention_kernels.py cases): torch {torch.__version__}, triton "
               f"{triton_version}, {dtype}; benchmarks/results/{raw.name}")
     table = Path(ctx.dispatch_path)
     bench.write_dispatch(table, gpu, measured, winners, source)
@@ -1276,7 +1276,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolation", choices=["process", "none"],
                         help="run each stage in its own process (default on a GPU) or in this one (dry-run default)")
     parser.add_argument("--carry", type=Path, default=DEFAULT_CARRY, help="carried wheels and tokenizer files")
-    parser.add_argument("--dispatch-path", type=Path, help="dispatch table to rewrite (default kernels/dispatch_table.py; "
+    parser.add_argument("--dispatch-path", type=Path, help="dispatch table to rewrite (default cmgnet/kernels/dispatch_table.py; "
                         "dry run: dispatch_table.py in --out-dir)")
     parser.add_argument("--update-readme", action="store_true", help="also fill README's GPU-results block")
     parser.add_argument("--render-readme", type=Path, metavar="REPORT_JSON", help="only fill README from a report")
@@ -1340,7 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "gpu-suite-dry-run" if args.dry_run else RESULTS)
         out_dir.mkdir(parents=True, exist_ok=True)
         dispatch = args.dispatch_path or (out_dir / "dispatch_table.py" if args.dry_run
-                                          else REPO / "kernels" / "dispatch_table.py")
+                                          else REPO / "cmgnet" / "kernels" / "dispatch_table.py")
         text_model, text_note = resolve_text_model(args.dry_run, args.carry, work)
         ctx = Context(dry_run=args.dry_run, device="cpu" if args.dry_run else "cuda", out_dir=str(out_dir),
                       work_dir=str(work), slug=name, text_model=text_model, dispatch_path=str(dispatch))

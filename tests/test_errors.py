@@ -310,7 +310,7 @@ def test_predict_refuses_to_overwrite_and_names_unreadable_images(assets, tmp_pa
 
 # ----------------------------------------------------------------------------- the no-pickle rule
 
-PACKAGES = ("cmgnet", "deploy", "kernels", "benchmarks", "launch")
+PACKAGES = ("cmgnet", "deploy", "benchmarks", "launch")
 
 
 def _call_text(text: str, start: int) -> str:

@@ -37,7 +37,7 @@ def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_and_reports(tmp_path):
-    table = REPO / "kernels" / "dispatch_table.py"
+    table = REPO / "cmgnet" / "kernels" / "dispatch_table.py"
     shipped = table.read_text()
     out = tmp_path / "out"
     proc = _run("--dry-run", "--out-dir", str(out))
@@ -191,7 +191,7 @@ print(cmgnet.kernels.__file__, cmgnet.deploy.__file__, cmgnet.model.__file__)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels, deploy, model = proc.stdout.split()
-    assert Path(kernels) == REPO / "kernels" / "__init__.py" and Path(deploy) == REPO / "deploy" / "__init__.py"
+    assert Path(kernels) == REPO / "cmgnet" / "kernels" / "__init__.py" and Path(deploy) == REPO / "deploy" / "__init__.py"
     assert Path(model).is_relative_to(REPO / "cmgnet")
 
 

@@ -257,7 +257,7 @@ def test_without_triton_only_the_forced_backend_fails(monkeypatch):
 def _benchmark_module():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernels.py"
     spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

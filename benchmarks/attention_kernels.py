@@ -8,7 +8,7 @@ backward of: PyTorch eager (the written-out reference), ``scaled_dot_product_att
 forward + backward, prints a table and writes JSON naming the GPU. A last op, ``model``,
 times a whole CMG-Net forward + backward with backend ``sdpa`` against backend ``triton``.
 
-    python benchmarks/kernels.py [--ops axial gated decode model] [--sizes 256 512]
+    python benchmarks/attention_kernels.py [--ops axial gated decode model] [--sizes 256 512]
         [--batches 1 8 32] [--dtype bfloat16] [--impls eager sdpa compile triton]
         [--out benchmarks/results/kernels.json] [--write-dispatch]
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_dispatch and args.dispatch_path is None:
             parser.error("--dry-run timings are not GPU numbers: give --dispatch-path to write a table elsewhere")
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (the kernels are dispatched on measured GPU timings); "
+        print("benchmarks/attention_kernels.py needs a CUDA GPU (the kernels are dispatched on measured GPU timings); "
               "use --dry-run to check the script on CPU", file=sys.stderr)
         return 2
     else:
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.batches = args.sizes or [256, 512], args.batches or [1, 8, 32]
         args.out = args.out or Path("benchmarks/results/kernels.json")
     if not kernels.HAS_TRITON:
-        print("benchmarks/kernels.py needs triton: pip install 'cmgnet[kernels]'", file=sys.stderr)
+        print("benchmarks/attention_kernels.py needs triton: pip install 'cmgnet[kernels]'", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     rows: list[dict] = []
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                min_speedup=dispatch_table.MIN_SPEEDUP, dispatch=dispatch_rows(rows))
     if args.write_dispatch:
         stamp = datetime.date.today().isoformat()
-        source = f"benchmarks/kernels.py {stamp}: torch {torch.__version__}, triton {triton}, {dtype}; {args.out}"
+        source = f"benchmarks/attention_kernels.py {stamp}: torch {torch.__version__}, triton {triton}, {dtype}; {args.out}"
         measured = {r["shape_key"] for r in rows if r["impl"] == "triton" and r["shape_key"]}
         write_dispatch(args.dispatch_path or DISPATCH_PATH, gpu, measured, dispatch_rows(rows), source)
     return 0

@@ -7,7 +7,7 @@ and ``torch.compile``; the value is that measured speed-up. ``SOURCES`` says, pe
 benchmark run the numbers come from. A CUDA call whose (GPU, shape class) is not listed runs
 the PyTorch path.
 
-Fill it on the target GPU with ``python benchmarks/kernels.py --write-dispatch``, which
+Fill it on the target GPU with ``python benchmarks/attention_kernels.py --write-dispatch``, which
 rewrites this file keeping the other GPUs' rows.
 """
 
