@@ -110,23 +110,12 @@ def encode(array: np.ndarray) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
-@requires_dali
-@pytest.mark.parametrize("center_crop", [False, True])
-def test_dali_matches_torch_for_every_variant(center_crop):
-    """Both backends, the same fixed variant: equal within interpolation tolerance."""
+def run_dali(spec: TransformSpec, image: np.ndarray, mask: np.ndarray, params: list[AugmentParams]) -> dict:
+    """One DALI batch of ``image``/``mask`` under each of ``params`` (CPU operators)."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     from cmgnet.data.augment.dali_pipeline import build_pipeline, sample_inputs, source_inputs
 
-    spec = TransformSpec(
-        size=32, center_crop=center_crop, variants=True, strong=True, mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
-    image, mask = case(1, 48)
-    image, mask = image[:40], mask[:40]  # non-square: 48 x 40
-
-    rng = np.random.default_rng(0)
-    params = [variant_params(v, rng) for v in range(NUM_VARIANTS)]
-    params[5] = AugmentParams(angle=225.0, blur_sigma=1.0, flip_h=True, brightness=1.1, contrast=0.85, saturation=1.2)
     top, left, side = crop_box(*mask.shape)
     values = [
         {
@@ -137,14 +126,91 @@ def test_dali_matches_torch_for_every_variant(center_crop):
             "resize": np.array(True),
             "roi_start": np.array([top, left], np.float32),
             "roi_end": np.array([top + side, left + side], np.float32),
-            **sample_inputs(p),
+            **sample_inputs(p, spec.size),
         }
         for v, p in enumerate(params)
     ]
     batch = tuple([sample[name] for sample in values] for name in source_inputs(spec))
-    pipe = build_pipeline([batch], spec, batch_size=NUM_VARIANTS, num_threads=1)
-    output = next(iter(DALIGenericIterator([pipe], ["image", "mask", "index", "ambiguous"], size=-1)))[0]
+    pipe = build_pipeline([batch], spec, batch_size=len(params), num_threads=1)
+    return next(iter(DALIGenericIterator([pipe], ["image", "mask", "index", "ambiguous"], size=-1)))[0]
+
+
+def assert_dali_matches_torch(spec: TransformSpec, params: list[AugmentParams]) -> None:
+    image, mask = case(1, 48)
+    image, mask = image[:40], mask[:40]  # non-square: 48 x 40
+    output = run_dali(spec, image, mask, params)
     for v, p in enumerate(params):
         x, m = apply_transform(image, mask, spec, p)
         assert (output["image"][v] - x).abs().mean() < 0.02, (v, p)
         assert (output["mask"][v] != m).float().mean() < 0.01, (v, p)
+
+
+@requires_dali
+@pytest.mark.parametrize("center_crop", [False, True])
+def test_dali_matches_torch_for_every_variant(center_crop):
+    """Both backends, the same fixed variant: equal within interpolation tolerance."""
+    spec = TransformSpec(
+        size=32, center_crop=center_crop, variants=True, strong=True, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    rng = np.random.default_rng(0)
+    params = [variant_params(v, rng) for v in range(NUM_VARIANTS)]
+    params[5] = AugmentParams(angle=225.0, blur_sigma=1.0, flip_h=True, brightness=1.1, contrast=0.85, saturation=1.2)
+    assert_dali_matches_torch(spec, params)
+
+
+@requires_dali
+def test_dali_matches_torch_with_zoom_and_translation():
+    spec = replace(SPEC, strong=True, scale=(0.7, 1.4), shift=0.15)
+    draws = [sample_params(sample(f"ISIC_{i:07d}"), spec, seed=3, epoch=0, train=True) for i in range(24)]
+    draws[0] = AugmentParams(angle=90.0, scale=1.3, shift=(0.1, -0.05), flip_v=True)  # a right angle inside the warp
+    draws[1] = AugmentParams(angle=180.0)  # no zoom in this draw: the exact transpose + flip path
+    assert any(p.scale < 1 for p in draws) and any(p.scale > 1 for p in draws)
+    assert_dali_matches_torch(spec, draws)
+
+
+def test_warp_matrix_zooms_and_moves_about_the_centre():
+    from cmgnet.data.augment.params import warp_matrix
+
+    def source_of(params, x, y, size=100):
+        return warp_matrix(params, size) @ np.array([x, y, 1.0])
+
+    assert np.allclose(warp_matrix(AugmentParams(), 10), [[1, 0, 0], [0, 1, 0]])
+    assert np.allclose(source_of(AugmentParams(scale=2.0), 50, 50), [50, 50])  # the centre stays
+    assert np.allclose(source_of(AugmentParams(scale=2.0), 100, 0), [75, 25])  # a corner shows half as far out
+    assert np.allclose(source_of(AugmentParams(shift=(0.1, 0.0)), 60, 50), [50, 50])  # content moves right
+    assert np.allclose(source_of(AugmentParams(angle=90.0), 0, 0), [100, 0])  # counter-clockwise, y down
+
+
+def test_zoom_and_translation_move_image_and_mask_together():
+    image = np.zeros((64, 64, 3), np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    image[24:40, 24:40], mask[24:40, 24:40] = 255, 255  # a centred 16 px square
+    spec = replace(SPEC, size=64)
+    _, zoomed = apply_transform(image, mask, spec, AugmentParams(scale=2.0))
+    assert zoomed.sum() == pytest.approx(32 * 32, rel=0.05)
+    x, moved = apply_transform(image, mask, spec, AugmentParams(angle=45.0, shift=(0.25, 0.0)))
+    columns = moved[0].nonzero()[:, 1].float()
+    assert columns.mean() == pytest.approx(32 + 16 - 0.5, abs=1)  # the centre moved right by a quarter side
+    grey = x[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0] > 0.5
+    assert (grey == moved[0].bool()).float().mean() > 0.98
+
+
+def test_zoom_and_translation_are_drawn_last_and_only_in_training():
+    spec = replace(SPEC, strong=True, scale=(0.75, 1.33), shift=0.1)
+    keys = [sample(f"ISIC_{i:07d}") for i in range(64)]
+    draws = [sample_params(s, spec, seed=0, epoch=2, train=True) for s in keys]
+    plain = [sample_params(s, replace(spec, scale=(1.0, 1.0), shift=0.0), seed=0, epoch=2, train=True) for s in keys]
+    assert all(0.75 <= p.scale <= 1.33 and max(map(abs, p.shift)) <= 0.1 for p in draws)
+    assert min(p.scale for p in draws) < 0.85 and max(p.scale for p in draws) > 1.2
+    assert [replace(p, scale=1.0, shift=(0.0, 0.0)) for p in draws] == plain  # earlier draws unchanged
+    assert sample_params(keys[0], spec, seed=0, epoch=2, train=False) == AugmentParams()
+
+
+def test_data_config_checks_the_ranges():
+    from cmgnet.data.config import DataConfig
+
+    assert DataConfig(scale_range=[0.8, 1.25]).scale_range == (0.8, 1.25)
+    with pytest.raises(ValueError, match="scale_range"):
+        DataConfig(scale_range=(1.2, 0.8))
+    with pytest.raises(ValueError, match="shift_range"):
+        DataConfig(shift_range=0.5)

@@ -59,12 +59,17 @@ def test_batches_and_lengths(isic, loader):
     assert all(t == NEUTRAL_SENTENCE for b in batches for t in b["text"])  # eval regime defaults to none
 
 
+ZOOM = {"scale_range": (0.7, 1.4), "shift_range": 0.1}
+
+
 @requires_dali
-def test_dali_and_torch_give_the_same_batches(isic):
+@pytest.mark.parametrize("affine", [{}, ZOOM], ids=["paper+strong", "with-zoom"])
+def test_dali_and_torch_give_the_same_batches(isic, affine):
     """Same seed, same epoch: same order and draws; pixels equal within interpolation tolerance."""
     runs = {}
     for loader in ("torch", "dali"):
-        data = build_loader(config(isic, loader, augment="paper+strong", image_size=48), "train", 5, train=True, seed=3)
+        cfg = config(isic, loader, augment="paper+strong", image_size=48, **affine)
+        data = build_loader(cfg, "train", 5, train=True, seed=3)
         runs[loader] = [batch for _ in range(2) for batch in data]  # two epochs
     assert len(runs["torch"]) == len(runs["dali"]) == 4
     for a, b in zip(runs["torch"], runs["dali"], strict=True):
@@ -74,11 +79,12 @@ def test_dali_and_torch_give_the_same_batches(isic):
     assert runs["torch"][0]["image_id"] != runs["torch"][2]["image_id"]  # reshuffled per epoch
 
 
+@pytest.mark.parametrize("affine", [{}, ZOOM], ids=["paper+strong", "with-zoom"])
 @pytest.mark.parametrize("loader", BACKENDS)
-def test_augmented_images_stay_aligned_with_masks(tmp_path, loader):
+def test_augmented_images_stay_aligned_with_masks(tmp_path, loader, affine):
     root = make_mask_images(tmp_path, n=6, size=64)  # each image is its own mask
     cfg = DataConfig(
-        format="folder", root=str(root), image_size=48, loader=loader, augment="paper+strong", num_workers=1
+        format="folder", root=str(root), image_size=48, loader=loader, augment="paper+strong", num_workers=1, **affine
     )
     data = build_loader(cfg, "train", 2, train=True)
     for batch in itertools.chain(data, data):

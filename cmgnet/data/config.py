@@ -38,6 +38,10 @@ class DataConfig:
         text_regime_eval: sentence regime for evaluation (name it in every result).
         augment: training augmentation: ``paper`` (random one of the 24 variants),
             ``paper+strong`` (plus flips and colour jitter) or ``none``.
+        scale_range: training zoom factor, drawn log-uniformly from ``[low, high]`` per sample
+            and epoch (above 1 enlarges the lesion); ``[1, 1]`` (default) or ``augment: none``
+            turns it off.
+        shift_range: largest training translation, a fraction of the side per axis (0: none).
         center_crop: crop the centred square before resizing (the paper's reading; keeps the
             aspect ratio); applied in training and evaluation alike so both see the same
             geometry. ``False`` resizes the whole image.
@@ -65,6 +69,8 @@ class DataConfig:
     text_regime_train: str = "oracle"
     text_regime_eval: str = "none"
     augment: str = "paper"
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    shift_range: float = 0.0
     center_crop: bool = False
     loader: str = "auto"
     num_workers: int = 2
@@ -83,6 +89,7 @@ class DataConfig:
             self.metadata = [str(path) for path in self.metadata]
         self.mean = tuple(float(v) for v in self.mean)  # YAML gives lists
         self.std = tuple(float(v) for v in self.std)
+        self.scale_range = tuple(float(v) for v in self.scale_range)
         choices = {
             "format": (*FORMATS, "auto"),
             "protocol": PROTOCOLS,
@@ -100,6 +107,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.image_size={self.image_size} must be a positive multiple of 16")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("DataConfig.mean and std need 3 values each, std positive")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"DataConfig.scale_range={list(self.scale_range)} needs 0 < low <= high")
+        if not 0 <= self.shift_range < 0.5:
+            raise ValueError(f"DataConfig.shift_range={self.shift_range} must be in [0, 0.5)")
         if self.protocol == "split-csv" and not self.split_csv:
             raise ValueError("DataConfig.protocol='split-csv' needs split_csv")
         if self.num_workers < 0:

@@ -59,7 +59,7 @@ class _Source:
             "resize": np.array(region != (spec.size, spec.size)),
             "roi_start": np.array([top, left], dtype=np.float32),  # read only with spec.center_crop
             "roi_end": np.array([top + side, left + side], dtype=np.float32),
-            **sample_inputs(params),
+            **sample_inputs(params, spec.size),
         }
 
 

@@ -101,13 +101,16 @@ def prepare_split(
     report = validate_records(unique, level=cfg.validate, max_pixels=cfg.max_pixels, workers=max(1, cfg.num_workers))
     report.raise_if_failed()
     pinned = any(s.variant is not None for s in samples)
+    augmented = train and cfg.augment != "none"
     spec = TransformSpec(
         size=cfg.image_size,
         center_crop=cfg.center_crop,
-        variants=pinned or (train and cfg.augment != "none"),
+        variants=pinned or augmented,
         strong=train and cfg.augment == "paper+strong",
         mean=cfg.mean,
         std=cfg.std,
+        scale=cfg.scale_range if augmented else (1.0, 1.0),
+        shift=cfg.shift_range if augmented else 0.0,
     )
     regime = cfg.text_regime_train if train else cfg.text_regime_eval
     return SplitData(samples, sentences(samples, regime, predicted_diagnoses), spec, train, report.sizes)

@@ -8,8 +8,8 @@ the PyTorch path apply the same draw to the same sample.
 
 Costly operators run only on the samples that need them (DALI conditionals): the resize
 only where the (cropped) image is not already ``size x size``, the interpolating warp only
-for odd multiples of 45 degrees (right angles are an exact transpose + flip), the blur only
-for blurred variants.
+for odd multiples of 45 degrees or a zoom/translation (right angles alone are an exact
+transpose + flip), the blur only for blurred variants.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode, Pipeline
 
-from .params import AugmentParams, TransformSpec, color_matrix
+from .params import AugmentParams, TransformSpec, color_matrix, warp_matrix
 
 # Per-sample arrays the source can yield, by group. "mean" is 255 * mean - rgb_shift (the
 # RGB shift folded into normalisation); "index" attaches sentences and ids afterwards.
 _BASE_INPUTS = ("image_bytes", "mask_bytes", "mean", "index", "resize")  # resize: bool, False = already S x S
 _CROP_INPUTS = ("roi_start", "roi_end")  # float32[2] (y, x): the crop box in source pixels
 _VARIANT_INPUTS = ("warp", "angle", "transpose", "blur", "blur_sigma")
+_AFFINE_INPUTS = ("affine", "matrix")  # bool; float32[2, 3] destination -> source (params.warp_matrix)
 _FLIP_INPUTS = ("flip_h", "flip_v")
 _COLOR_INPUTS = ("color_matrix", "color_offset")
 _DTYPES = {
@@ -35,6 +36,7 @@ _DTYPES = {
     "index": types.INT64,
     "resize": types.BOOL,
     "warp": types.BOOL,
+    "affine": types.BOOL,
     "transpose": types.BOOL,
     "blur": types.BOOL,
     "flip_h": types.INT32,
@@ -45,6 +47,7 @@ _DTYPES = {
 def source_inputs(spec: TransformSpec) -> tuple[str, ...]:
     """Names of the per-sample arrays the pipeline of ``spec`` reads, in source order."""
     names = _BASE_INPUTS + _CROP_INPUTS * spec.center_crop + _VARIANT_INPUTS * spec.variants
+    names += _AFFINE_INPUTS * spec.affine
     return names + _FLIP_INPUTS * (spec.variants or spec.strong) + _COLOR_INPUTS * spec.strong
 
 
@@ -53,11 +56,17 @@ def _right_angle_flips(quarter_turns: int) -> tuple[bool, bool]:
     return {0: (False, False), 1: (False, True), 2: (True, True), 3: (True, False)}[quarter_turns % 4]
 
 
-def sample_inputs(params: AugmentParams) -> dict[str, np.ndarray]:
-    """The per-sample pipeline arguments of one draw (all but bytes, crop box, mean and index)."""
+def sample_inputs(params: AugmentParams, size: int) -> dict[str, np.ndarray]:
+    """The per-sample pipeline arguments of one draw (all but bytes, crop box, mean and index).
+
+    A zoom or translation takes the whole geometry (rotation included) into one affine warp
+    of the ``size x size`` image; otherwise odd multiples of 45 degrees are a rotation and
+    right angles a transpose + flips.
+    """
     angle = params.angle % 360.0
-    warp = angle % 90 != 0
-    turns = 0 if warp else int(angle // 90)
+    affine = params.affine
+    warp = not affine and angle % 90 != 0
+    turns = 0 if warp or affine else int(angle // 90)
     turn_h, turn_v = _right_angle_flips(turns)
     matrix, offset = color_matrix(params)
     return {
@@ -70,6 +79,8 @@ def sample_inputs(params: AugmentParams) -> dict[str, np.ndarray]:
         "flip_v": np.array(turn_v != params.flip_v, dtype=np.int32),
         "color_matrix": matrix,
         "color_offset": offset,
+        "affine": np.array(affine),
+        "matrix": warp_matrix(params, size),
     }
 
 
@@ -93,6 +104,10 @@ def _graph(source: Iterable, spec: TransformSpec, device: str):  # type: ignore[
     mask = fn.decoders.image(inputs["mask_bytes"], device=decoder, output_type=types.GRAY, adjust_orientation=False)
     if inputs["resize"]:  # data often comes pre-resized; resampling S x S to S x S is a costly no-op
         image, mask = _geometry(image, spec, inputs, mask=False), _geometry(mask, spec, inputs, mask=True)
+    if spec.affine:
+        if inputs["affine"]:
+            image = fn.warp_affine(image, matrix=inputs["matrix"], fill_value=0)
+            mask = fn.warp_affine(mask, matrix=inputs["matrix"], fill_value=0, interp_type=types.INTERP_NN)
     if spec.variants:
         if inputs["warp"]:
             image = fn.rotate(image, angle=inputs["angle"], keep_size=True, fill_value=0)

@@ -5,7 +5,9 @@ transform to the same sample of the same epoch, and the draw depends only on
 ``(seed, epoch, sample key)``: not on worker count, rank or backend.
 
 The paper's 24 variants (section 4.1): rotation ``45 * (v % 8)`` degrees combined with
-effect ``v // 8``: 0 plain, 1 Gaussian blur, 2 RGB shift.
+effect ``v // 8``: 0 plain, 1 Gaussian blur, 2 RGB shift. Beyond the paper, training can
+also zoom and translate (``scale``, ``shift``): lesions in the ISIC sets cover from 1% to
+all of the frame, and the same warp draws new sizes and positions of them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class TransformSpec:
         strong: flips and colour jitter may occur (``augment="paper+strong"`` in training).
         mean: per-channel mean of images scaled to 0..1.
         std: per-channel standard deviation of images scaled to 0..1.
+        scale: range of the random zoom factor (drawn log-uniformly; ``(1, 1)``: no zoom).
+        shift: largest random translation, as a fraction of the side, per axis (0: none).
     """
 
     size: int
@@ -52,6 +56,13 @@ class TransformSpec:
     strong: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    scale: tuple[float, float] = (1.0, 1.0)
+    shift: float = 0.0
+
+    @property
+    def affine(self) -> bool:
+        """Zoom or translation may occur (the general warp, not only rotations)."""
+        return self.scale != (1.0, 1.0) or self.shift > 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class AugmentParams:
         brightness: multiplicative brightness factor.
         contrast: contrast factor around grey level 128.
         saturation: saturation factor (0 grey, 1 unchanged).
+        scale: zoom about the image centre (above 1 enlarges the content; uncovered
+            borders are filled with 0).
+        shift: ``(dx, dy)`` translation of the content, in fractions of the side (positive:
+            right, down), applied after rotation and zoom.
     """
 
     angle: float = 0.0
@@ -77,6 +92,32 @@ class AugmentParams:
     brightness: float = 1.0
     contrast: float = 1.0
     saturation: float = 1.0
+    scale: float = 1.0
+    shift: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def affine(self) -> bool:
+        """This draw zooms or translates."""
+        return self.scale != 1.0 or self.shift != (0.0, 0.0)
+
+
+def warp_matrix(params: AugmentParams, size: int) -> np.ndarray:
+    """Rotation, zoom and translation of a ``size x size`` image as a destination-to-source map.
+
+    Pixel ``(x, y)`` of the output samples the input at ``M @ (x, y, 1)``, in pixel units
+    with pixel centres at half-integers (DALI's ``warp_affine`` convention; ``align_corners=False``
+    in PyTorch). Content is rotated counter-clockwise by ``angle`` and zoomed by ``scale``
+    about the centre, then moved by ``shift * size``.
+
+    Returns:
+        A ``2 x 3`` ``float32`` array.
+    """
+    radians = math.radians(params.angle)
+    cos, sin = math.cos(radians), math.sin(radians)
+    inverse = np.array([[cos, -sin], [sin, cos]]) / params.scale  # undoes the zoom and the CCW turn (y down)
+    centre = np.full(2, size / 2.0)
+    offset = centre - inverse @ (centre + size * np.asarray(params.shift, dtype=np.float64))
+    return np.concatenate([inverse, offset[:, None]], axis=1).astype(np.float32)
 
 
 def crop_box(height: int, width: int) -> tuple[int, int, int]:
@@ -132,7 +173,8 @@ def sample_params(sample: Sample, spec: TransformSpec, *, seed: int, epoch: int,
     A sample pinned to a paper variant always gets that variant, with magnitudes fixed by
     ``(seed, image id, variant)`` (the expanded data set does not change between epochs).
     Other training samples get a random variant per epoch when ``spec.variants`` is set.
-    ``spec.strong`` adds random flips and colour jitter in training.
+    ``spec.strong`` adds random flips and colour jitter in training, ``spec.affine`` a
+    random zoom and translation.
 
     Args:
         sample: the sample.
@@ -164,4 +206,9 @@ def sample_params(sample: Sample, spec: TransformSpec, *, seed: int, epoch: int,
             contrast=float(jitter[1]),
             saturation=float(jitter[2]),
         )
+    if train and spec.affine:  # drawn last: the draws above stay those of runs without it
+        low, high = np.log(spec.scale)
+        shift = rng.uniform(-spec.shift, spec.shift, size=2) if spec.shift > 0 else np.zeros(2)
+        params = replace(params, scale=float(np.exp(rng.uniform(low, high))),
+                         shift=(float(shift[0]), float(shift[1])))
     return params

@@ -2,20 +2,18 @@
 
 Each step mirrors the DALI pipeline in :mod:`cmgnet.data.augment.dali_pipeline`, with the
 same conventions (checked against DALI in the tests): antialiased bilinear resize for
-images and nearest-neighbour for masks, counter-clockwise rotation about the image centre
-with zero fill, Gaussian blur with reflect-101 borders, colour jitter as one affine colour
-map, and the RGB shift folded into normalisation.
+images and nearest-neighbour for masks, counter-clockwise rotation, zoom and translation
+about the image centre with zero fill, Gaussian blur with reflect-101 borders, colour
+jitter as one affine colour map, and the RGB shift folded into normalisation.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .params import AugmentParams, TransformSpec, blur_radius, color_matrix, crop_box
+from .params import AugmentParams, TransformSpec, blur_radius, color_matrix, crop_box, warp_matrix
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mask: bool) -> torch.Tensor:
@@ -34,16 +32,21 @@ def geometry(x: torch.Tensor, spec: TransformSpec, mask: bool) -> torch.Tensor:
     return _resize(x, (spec.size, spec.size), mask)
 
 
-def rotate(x: torch.Tensor, angle: float, mask: bool) -> torch.Tensor:
-    """Rotate a square ``1 x C x S x S`` tensor counter-clockwise, keeping the canvas, zero fill."""
-    angle = angle % 360.0
-    if angle == 0:
-        return x
-    if angle % 90 == 0:  # exact, and what the interpolating warp gives at these angles
-        return torch.rot90(x, int(angle // 90), dims=(-2, -1))
-    radians = math.radians(angle)
-    cos, sin = math.cos(radians), math.sin(radians)
-    theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=x.dtype)
+def warp(x: torch.Tensor, params: AugmentParams, mask: bool) -> torch.Tensor:
+    """Rotate counter-clockwise, zoom and translate a square ``1 x C x S x S`` tensor (:func:`warp_matrix`).
+
+    The canvas is kept and uncovered pixels are 0; right angles without zoom or translation
+    are exact (``rot90``, which is what the interpolating warp gives there).
+    """
+    angle = params.angle % 360.0
+    if not params.affine and angle % 90 == 0:
+        return torch.rot90(x, int(angle // 90), dims=(-2, -1)) if angle else x
+    size = x.shape[-1]
+    matrix = torch.from_numpy(warp_matrix(params, size)).double()
+    linear, offset = matrix[:, :2], matrix[:, 2]
+    # The same map in affine_grid's coordinates, u = 2 x / S - 1 on both sides.
+    shift = linear.sum(1) + 2 * offset / size - 1
+    theta = torch.cat([linear, shift[:, None]], 1)[None].to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest" if mask else "bilinear", padding_mode="zeros", align_corners=False)
 
@@ -103,7 +106,7 @@ def apply_transform(
     x = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
     m = torch.from_numpy(np.require(mask, requirements=("C", "W")))[None, None].float()
     x, m = geometry(x, spec, mask=False), geometry(m, spec, mask=True)
-    x, m = rotate(x, params.angle, mask=False), rotate(m, params.angle, mask=True)
+    x, m = warp(x, params, mask=False), warp(m, params, mask=True)
     x, m = flip(x, params), flip(m, params)
     x = color_jitter(gaussian_blur(x, params.blur_sigma), params)
     x = normalize(x, spec, params.rgb_shift)
