@@ -4,24 +4,29 @@ Writes ``cmgnet/pretrained/<NAME>/``: the ``save_pretrained`` files with the wei
 (half the size; the masks are checked against the fp32 weights on the examples before
 anything is written), the inference record, the diagnosis classifier (fp16) and a model card
 (``README.md``) filled from the evaluation summaries (``summary.json`` written by
-``cmgnet evaluate``). ``cmgnet models`` then lists the model and
+``cmgnet evaluate``). ``--postprocess`` sets the mask post-processing the model is served
+with when it was chosen after training (on the validation split); the evaluations given must
+have used the served post-processing, so the card's numbers are what users get. ``cmgnet models`` then lists the model and
 ``cmgnet predict NAME images/`` serves it. Maintainer tool: the package ships its output.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 from pathlib import Path
+
+from cmgnet.inference import POSTPROCESS_MODES, InferenceRecord
 
 CARD_TEMPLATE = """# {name}
 
 CMG-Net ({encoder} encoder, ImageNet-pretrained) for binary skin-lesion segmentation in dermoscopy images, trained on a 2-core CPU.
 
 - Architecture: `{arch}` (U-Net decoder, MASA at the H/{stride} bottleneck, CMFM at H/{fusion}), {params:.2f} M trainable parameters (the frozen MiniLM-L6 text encoder, {text_model}, installs as a dependency and is not in this folder).
-- Input: RGB resized to {size} x {size}, normalised with mean {mean} / std {std} (the encoder's statistics); threshold {threshold}. All of it is in `inference.json` and applied by `cmgnet predict`, `Segmenter` and the exported bundle.
+- Input: RGB resized to {size} x {size}, normalised with mean {mean} / std {std} (the encoder's statistics); threshold {threshold}; mask post-processing `{postprocess}`. All of it is in `inference.json` and applied by `cmgnet predict`, `Segmenter` and the exported bundle.
 - Weights: fp16 safetensors, {size_mb:.1f} MB with the diagnosis classifier ({cls_encoder}, used by the `predicted` text regime).
 
 ## Training
@@ -51,9 +56,10 @@ def _fp16(src: Path, dst: Path) -> None:
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(dst))
 
 
-def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path]) -> float:
+def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: str) -> float:
     """Fraction of mask pixels on which the fp16 copy agrees with the fp32 weights, both served
-    through :class:`~cmgnet.deploy.Segmenter` (the recorded preprocessing, as ``predict`` does).
+    through :class:`~cmgnet.deploy.Segmenter` (the recorded preprocessing, as ``predict`` does)
+    with the post-processing the copy is served with.
 
     Raises:
         SystemExit: below 99.5% agreement (fp16 rounding must not change the masks).
@@ -62,7 +68,8 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path]) -> float:
 
     from cmgnet.deploy import Segmenter
 
-    masks = [[p.mask for p in Segmenter.load(folder).predict(images)] for folder in (fp32_dir, fp16_dir)]
+    masks = [[p.mask for p in Segmenter.load(folder, postprocess=postprocess, force=True).predict(images)]
+             for folder in (fp32_dir, fp16_dir)]
     agree = float(np.mean([(a == b).mean() for a, b in zip(*masks)]))
     if agree < 0.995:
         raise SystemExit(f"fp16 weights change {100 * (1 - agree):.2f}% of mask pixels: not shipped")
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-time", required=True, help="training wall time, as measured (e.g. '71 min')")
     parser.add_argument("--recipe", default="cpu-pretrained", help="the config the model was trained with")
     parser.add_argument("--out", default=None, help="target folder (default: cmgnet/pretrained/NAME)")
+    parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
+                        help="mask post-processing to serve the model with (default: the checkpoint's record)")
     args = parser.parse_args(argv)
 
     import yaml
@@ -119,12 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     from cmgnet.shipped import PRETRAINED_DIR
 
     src = Path(args.checkpoint)
+    record = InferenceRecord.load(src)
+    if record is None:
+        raise SystemExit(f"{src}: no inference.json; save the model with a training run's record")
+    if args.postprocess is not None:
+        record = dataclasses.replace(record, postprocess=args.postprocess)
+    rows = _rows([json.loads((Path(e) / "summary.json").read_text()) for e in args.eval])
+    if stale := [f"{r['split']}/{r['text_regime']}" for r in rows if r.get("postprocess", "none") != record.postprocess]:
+        raise SystemExit(f"evaluations {', '.join(stale)} did not use the served post-processing "
+                         f"{record.postprocess!r}: rerun cmgnet evaluate --postprocess {record.postprocess}")
     out = Path(args.out) if args.out else PRETRAINED_DIR / args.name
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("config.json", "inference.json"):
-        shutil.copy2(src / name, tmp / name)
+    shutil.copy2(src / "config.json", tmp / "config.json")
+    record.save(tmp)
     _fp16(src / "model.safetensors", tmp / "model.safetensors")
     if (src / "diagnosis").is_dir():
         (tmp / "diagnosis").mkdir()
@@ -133,20 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from cmgnet.shipped import EXAMPLES_DIR
 
-    record = json.loads((src / "inference.json").read_text())
-    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")))
+    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")), record.postprocess)
     print(f"fp16 vs fp32 masks on the examples: {100 * agree:.3f}% of pixels agree")
     model = SegmentationModel.from_pretrained(tmp)
     cfg = model.config
     exp = yaml.safe_load((src / "experiment.yaml").read_text())
-    rows = _rows([json.loads((Path(e) / "summary.json").read_text()) for e in args.eval])
     size_mb = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
     cls_cfg = json.loads((src / "diagnosis" / "classifier.json").read_text()) if (src / "diagnosis").is_dir() else {}
     card = CARD_TEMPLATE.format(
         name=args.name, encoder=cfg.encoder, arch=model.model_name, stride=cfg.stride,
         fusion=", H/".join(str(s) for s in cfg.fusion_scales), params=model.num_parameters(trainable_only=True) / 1e6,
-        text_model=cfg.text_model, size=record["image_size"][0], mean=record["mean"], std=record["std"],
-        threshold=record["threshold"], size_mb=size_mb, cls_encoder=cls_cfg.get("encoder", "none"),
+        text_model=cfg.text_model, size=record.image_size[0], mean=list(record.mean), std=list(record.std),
+        threshold=record.threshold, postprocess=record.postprocess, size_mb=size_mb, cls_encoder=cls_cfg.get("encoder", "none"),
         recipe=args.recipe, epochs=exp["train"]["epochs"], batch=exp["train"]["batch_size"], lr=exp["optim"]["lr"],
         enc_mult=exp["optim"]["encoder_lr_mult"], augment=exp["data"]["augment"],
         train_text=exp["data"]["text_regime_train"], dropout=cfg.modality_dropout, wall=args.wall_time,

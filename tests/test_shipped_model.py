@@ -80,10 +80,20 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "summary.json").write_text(json.dumps({"test/metadata": result.to_json()}))
     out = tmp_path / "shipped"
-    assert ship_model.main(["--checkpoint", str(src), "--name", "tiny", "--eval", str(tmp_path / "eval"),
-                            "--wall-time", "1 min", "--out", str(out)]) == 0
+    args = ["--checkpoint", str(src), "--name", "tiny", "--eval", str(tmp_path / "eval"), "--wall-time", "1 min",
+            "--out", str(out)]
+    # Post-processing chosen after training: the evaluations must have used it, or nothing ships.
+    with pytest.raises(SystemExit, match="did not use the served post-processing 'largest'"):
+        ship_model.main([*args, "--postprocess", "largest"])
+    assert not out.exists()
+    assert ship_model.main(args) == 0
     card = (out / "README.md").read_text()
-    assert "| metadata | no | 100.0 |" in card
+    assert "| metadata | no | 100.0 |" in card and "post-processing `none`" in card
+    result.info["postprocess"] = "largest"
+    (tmp_path / "eval" / "summary.json").write_text(json.dumps({"test/metadata": result.to_json()}))
+    assert ship_model.main([*args, "--postprocess", "largest"]) == 0
+    assert InferenceRecord.load(out).postprocess == "largest" and InferenceRecord.load(src).postprocess == "none"
+    assert "post-processing `largest`" in (out / "README.md").read_text()
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values() if v.is_floating_point())
