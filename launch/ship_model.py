@@ -19,6 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import yaml
+
+from cmgnet.errors import CmgnetError
 from cmgnet.inference import POSTPROCESS_MODES, InferenceRecord
 
 CARD_TEMPLATE = """# {name}
@@ -90,6 +93,14 @@ def _zoom(data: dict) -> str:
     return f" with random zoom x{lo}-{hi} and shift up to {100 * shift:.0f}% of the side"
 
 
+def _read(path: Path, what: str, parse=json.loads):
+    """One input file of the tool, or a one-line exit naming it."""
+    try:
+        return parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise SystemExit(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from None
+
+
 def _rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for summary in summaries:
@@ -138,18 +149,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="mask post-processing to serve the model with (default: the checkpoint's record)")
     args = parser.parse_args(argv)
 
-    import yaml
-
     from cmgnet.model import SegmentationModel
     from cmgnet.shipped import PRETRAINED_DIR
 
     src = Path(args.checkpoint)
-    record = InferenceRecord.load(src)
+    try:
+        record = InferenceRecord.load(src)
+    except CmgnetError as err:
+        raise SystemExit(str(err)) from None
     if record is None:
         raise SystemExit(f"{src}: no inference.json; save the model with a training run's record")
     if args.postprocess is not None:
         record = dataclasses.replace(record, postprocess=args.postprocess)
-    rows = _rows([json.loads((Path(e) / "summary.json").read_text()) for e in args.eval])
+    rows = _rows([_read(Path(e) / "summary.json", "an evaluation summary (cmgnet evaluate)") for e in args.eval])
+    exp = _read(src / "experiment.yaml", "the run's resolved config", yaml.safe_load)
     if stale := [f"{r['split']}/{r['text_regime']}" for r in rows if r.get("postprocess", "none") != record.postprocess]:
         raise SystemExit(f"evaluations {', '.join(stale)} did not use the served post-processing "
                          f"{record.postprocess!r}: rerun cmgnet evaluate --postprocess {record.postprocess}")
@@ -171,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp16 vs fp32 masks on the examples: {100 * agree:.3f}% of pixels agree")
     model = SegmentationModel.from_pretrained(tmp)
     cfg = model.config
-    exp = yaml.safe_load((src / "experiment.yaml").read_text())
     size_mb = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 1e6
     cls_cfg = json.loads((src / "diagnosis" / "classifier.json").read_text()) if (src / "diagnosis").is_dir() else {}
     card = CARD_TEMPLATE.format(

@@ -84,6 +84,10 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     out = tmp_path / "shipped"
     args = ["--checkpoint", str(src), "--name", "tiny", "--eval", str(tmp_path / "eval"), "--wall-time", "1 min",
             "--out", str(out)]
+    # A missing evaluation ends in one line naming the file, before anything is written.
+    with pytest.raises(SystemExit, match=r"summary\.json: cannot read an evaluation summary"):
+        ship_model.main([*args[:5], str(tmp_path), *args[6:]])
+    assert not out.exists()
     # Post-processing chosen after training: the evaluations must have used it, or nothing ships.
     with pytest.raises(SystemExit, match="did not use the served post-processing 'largest'"):
         ship_model.main([*args, "--postprocess", "largest"])
