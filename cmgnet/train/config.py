@@ -123,6 +123,9 @@ class TrainConfig:
             ``sdpa``, ``reference`` or ``triton``; ``""`` keeps the process setting
             (``CMGNET_ATTENTION``, else ``auto``). The backend in effect is logged as the
             ``runtime.attention_backend`` parameter.
+        ema_decay: keep an exponential moving average of the network's weights with this
+            decay (0: off; e.g. 0.998, a horizon of 500 steps) and validate, keep and evaluate
+            the averaged weights instead of the raw ones (:mod:`cmgnet.train.ema`).
     """
 
     epochs: int = 100
@@ -147,9 +150,13 @@ class TrainConfig:
     diagnosis_balanced: bool = True
     diagnosis_lr: float = 1e-3
     attention_backend: str = ""
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         from cmgnet.kernels import BACKENDS
+
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay: {self.ema_decay} must be in [0, 1) (0 turns the average off)")
 
         if self.attention_backend not in ("", *BACKENDS):
             raise ValueError(f"train.attention_backend: {self.attention_backend!r} is not one of {BACKENDS} "

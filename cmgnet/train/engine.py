@@ -51,6 +51,7 @@ from . import checkpoint as ckpt
 from .config import ExperimentConfig, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
 from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of
+from .ema import WeightEMA
 from .evaluate import EvalResult, Evaluator, format_table
 from .losses import build_loss
 from .optim import build_optimizer, build_scheduler
@@ -60,6 +61,7 @@ logger = logging.getLogger("cmgnet.train")
 
 BEST_DIR = "best"
 CLASSIFIER_DIR = "diagnosis"
+EMA_STATE = "ema"
 
 
 @dataclass
@@ -247,6 +249,11 @@ class Trainer:
             cls_opt = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.train.diagnosis_lr, weight_decay=1e-4)
             self.classifier, self.cls_optimizer = acc.prepare(self.classifier, cls_opt)
         self.evaluator = Evaluator(cfg, self.model, self.data, acc, self.classifier)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            if self.is_deepspeed:  # ZeRO owns (and may partition) the weights
+                raise ValueError("train.ema_decay is not supported under DeepSpeed: set it to 0")
+            self.ema = WeightEMA(self._unwrapped(), cfg.train.ema_decay)
 
         self.run_dir = self._resolve_run_dir()
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
@@ -340,6 +347,8 @@ class Trainer:
             if acc.scaler is not None:
                 ckpt.save_state(acc.scaler.state_dict(), directory, "scaler")
             (directory / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
+            if self.ema is not None:
+                ckpt.save_state(self.ema.state_dict(), directory, EMA_STATE)
         ckpt.save_state(ckpt.rng_state(), directory, f"rng-{acc.process_index}")
 
     def save_checkpoint(self) -> Path:
@@ -361,6 +370,12 @@ class Trainer:
                 loaded = DiagnosisClassifier.load(path / CLASSIFIER_DIR)
                 acc.unwrap_model(self.classifier).load_state_dict(loaded.state_dict())
                 self.cls_optimizer.load_state_dict(ckpt.load_state(path, "classifier_optimizer"))
+        if self.ema is not None:
+            if (path / f"{EMA_STATE}.json").exists():
+                self.ema.load_state_dict(ckpt.load_state(path, EMA_STATE))
+            else:
+                self.ema = WeightEMA(self._unwrapped(), self.cfg.train.ema_decay)
+                self.log(f"warning: {path} holds no weight average; averaging starts from its weights")
         self.scheduler.load_state_dict(ckpt.load_state(path, "scheduler"))
         if acc.scaler is not None and (path / "scaler.json").exists():
             acc.scaler.load_state_dict(ckpt.load_state(path, "scaler"))
@@ -550,6 +565,8 @@ class Trainer:
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and acc.sync_gradients:
+                self.ema.update()
             if self.classifier is not None:
                 self._classifier_step(image, batch["image_id"])
         return float(loss.detach())
@@ -613,20 +630,24 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Score the validation split; keep the best weights by per-image mean Dice.
 
+        With ``train.ema_decay`` the averaged weights are scored and kept.
+
         Returns:
             ``val_<metric>`` values (per-image mean) for the epoch record.
         """
         regime = self.cfg.data.text_regime_eval
-        result = self.evaluate(self.cfg.eval.val_split, regime, with_hd95=False)
-        metrics = {f"val_{k}": v for k, v in result.summary["per_image_mean"].items() if k != "hd95_undefined"}
-        dice = metrics["val_dice"]
-        if dice > self.state.best_metric:
-            self.state.best_metric, self.state.best_epoch = dice, epoch
-            best = self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
-                                   "text_regime": regime, "convention": "per_image_mean", **result.summary})
-            self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
-            # Logged whenever it changes, so a run stopped midway still has its best weights in MLflow.
-            self.tracker.log_artifact(best, BEST_DIR)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            result = self.evaluate(self.cfg.eval.val_split, regime, with_hd95=False)
+            metrics = {f"val_{k}": v for k, v in result.summary["per_image_mean"].items() if k != "hd95_undefined"}
+            dice = metrics["val_dice"]
+            if dice > self.state.best_metric:
+                self.state.best_metric, self.state.best_epoch = dice, epoch
+                best = self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
+                                       "text_regime": regime, "convention": "per_image_mean",
+                                       "weights": "ema" if self.ema is not None else "raw", **result.summary})
+                self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
+                # Logged whenever it changes, so a run stopped midway still has its best weights in MLflow.
+                self.tracker.log_artifact(best, BEST_DIR)
         self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items() if k[4:] not in UNLOGGED_METRICS},
                                  step=self.state.global_step)
         return metrics
