@@ -79,8 +79,8 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-regime", choices=SEGMENTER_TEXT_REGIMES, default=None,
                         help="what metadata may contribute to the sentence (oracle = also the diagnosis); "
                              "default: the model's recorded regime")
-    parser.add_argument("--tta", action="store_true", default=None,
-                        help="flip test-time augmentation (default: as recorded for the model)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flip test-time augmentation on or off (default: as recorded for the model)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -4,9 +4,10 @@ Writes ``cmgnet/pretrained/<NAME>/``: the ``save_pretrained`` files with the wei
 (half the size; the masks are checked against the fp32 weights on the examples before
 anything is written), the inference record, the diagnosis classifier (fp16) and a model card
 (``README.md``) filled from the evaluation summaries (``summary.json`` written by
-``cmgnet evaluate``). ``--postprocess`` sets the mask post-processing the model is served
-with when it was chosen after training (on the validation split); the evaluations given must
-have used the served post-processing, so the card's numbers are what users get. ``cmgnet models`` then lists the model and
+``cmgnet evaluate``). ``--postprocess`` and ``--tta`` set the mask post-processing and the
+flip TTA the model is served with when they were chosen after training (on the validation
+split); the evaluations given must have used the served post-processing, and one of them the
+served TTA, so the card's numbers are what users get. ``cmgnet models`` then lists the model and
 ``cmgnet predict NAME images/`` serves it. Maintainer tool: the package ships its output.
 """
 
@@ -29,7 +30,7 @@ CARD_TEMPLATE = """# {name}
 CMG-Net ({encoder} encoder, ImageNet-pretrained) for binary skin-lesion segmentation in dermoscopy images, trained on a 2-core CPU.
 
 - Architecture: `{arch}` (U-Net decoder, MASA at the H/{stride} bottleneck, CMFM at H/{fusion}), {params:.2f} M trainable parameters (the frozen MiniLM-L6 text encoder, {text_model}, installs as a dependency and is not in this folder).
-- Input: RGB resized to {size} x {size}, normalised with mean {mean} / std {std} (the encoder's statistics); threshold {threshold}; mask post-processing `{postprocess}`. All of it is in `inference.json` and applied by `cmgnet predict`, `Segmenter` and the exported bundle.
+- Input: RGB resized to {size} x {size}, normalised with mean {mean} / std {std} (the encoder's statistics); threshold {threshold}; mask post-processing `{postprocess}`; flip TTA {tta}. All of it is in `inference.json` and applied by `cmgnet predict`, `Segmenter` and the exported bundle.
 - Weights: fp16 safetensors, {size_mb:.1f} MB with the diagnosis classifier ({cls_encoder}, used by the `predicted` text regime).
 
 ## Training
@@ -59,10 +60,10 @@ def _fp16(src: Path, dst: Path) -> None:
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(dst))
 
 
-def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: str) -> float:
+def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: str, tta: bool = False) -> float:
     """Fraction of mask pixels on which the fp16 copy agrees with the fp32 weights, both served
     through :class:`~cmgnet.deploy.Segmenter` (the recorded preprocessing, as ``predict`` does)
-    with the post-processing the copy is served with.
+    with the post-processing and TTA the copy is served with.
 
     Raises:
         SystemExit: below 99.5% agreement (fp16 rounding must not change the masks).
@@ -71,7 +72,7 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: 
 
     from cmgnet.deploy import Segmenter
 
-    masks = [[p.mask for p in Segmenter.load(folder, postprocess=postprocess, force=True).predict(images)]
+    masks = [[p.mask for p in Segmenter.load(folder, postprocess=postprocess, tta=tta, force=True).predict(images)]
              for folder in (fp32_dir, fp16_dir)]
     agree = float(np.mean([(a == b).mean() for a, b in zip(*masks)]))
     if agree < 0.995:
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a paragraph under the results table, e.g. how the served settings were chosen")
     parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
                         help="mask post-processing to serve the model with (default: the checkpoint's record)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve with flip TTA on or off (default: the checkpoint's record)")
     args = parser.parse_args(argv)
 
     from cmgnet.model import SegmentationModel
@@ -161,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{src}: no inference.json; save the model with a training run's record")
     if args.postprocess is not None:
         record = dataclasses.replace(record, postprocess=args.postprocess)
+    if args.tta is not None:
+        record = dataclasses.replace(record, tta=args.tta)
     rows = _rows([_read(Path(e) / "summary.json", "an evaluation summary (cmgnet evaluate)") for e in args.eval])
     exp = _read(src / "experiment.yaml", "the run's resolved config", yaml.safe_load)
+    if not any(bool(r.get("tta")) == record.tta for r in rows):
+        raise SystemExit(f"no evaluation used the served TTA setting ({'on' if record.tta else 'off'}): "
+                         "evaluate with it too, so the card reports what is served")
     if stale := [f"{r['split']}/{r['text_regime']}" for r in rows if r.get("postprocess", "none") != record.postprocess]:
         raise SystemExit(f"evaluations {', '.join(stale)} did not use the served post-processing "
                          f"{record.postprocess!r}: rerun cmgnet evaluate --postprocess {record.postprocess}")
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cmgnet.shipped import EXAMPLES_DIR
 
-    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")), record.postprocess)
+    agree = check_fp16(src, tmp, sorted((EXAMPLES_DIR / "images").glob("*.jpg")), record.postprocess,
+                       record.tta)
     print(f"fp16 vs fp32 masks on the examples: {100 * agree:.3f}% of pixels agree")
     model = SegmentationModel.from_pretrained(tmp)
     cfg = model.config
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name, encoder=cfg.encoder, arch=model.model_name, stride=cfg.stride,
         fusion=", H/".join(str(s) for s in cfg.fusion_scales), params=model.num_parameters(trainable_only=True) / 1e6,
         text_model=cfg.text_model, size=record.image_size[0], mean=list(record.mean), std=list(record.std),
-        threshold=record.threshold, postprocess=record.postprocess, size_mb=size_mb, cls_encoder=cls_cfg.get("encoder", "none"),
+        threshold=record.threshold, postprocess=record.postprocess, tta="on (4 passes)" if record.tta else "off", size_mb=size_mb, cls_encoder=cls_cfg.get("encoder", "none"),
         recipe=args.recipe, epochs=exp["train"]["epochs"], batch=exp["train"]["batch_size"], lr=exp["optim"]["lr"],
         enc_mult=exp["optim"]["encoder_lr_mult"], augment=exp["data"]["augment"],
         train_text=exp["data"]["text_regime_train"], dropout=cfg.modality_dropout, wall=args.wall_time,

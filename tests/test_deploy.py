@@ -322,6 +322,13 @@ def test_predict_cli_exit_codes(exported, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+def test_predict_tta_switch_overrides_the_record_either_way():
+    from cmgnet.deploy.cli import predict_parser
+
+    base = ["model", "images", "--out", "masks"]
+    assert [predict_parser().parse_args([*base, *flag]).tta for flag in ([], ["--tta"], ["--no-tta"])] == [None, True, False]
+
+
 def test_export_cli_tensorrt_modes_without_tensorrt(exported, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on the project's machines
     args = argparse.Namespace(tensorrt="require", precision="fp16", max_batch=4, opt_batch=None, workspace_gib=1.0,
