@@ -226,6 +226,16 @@ def test_final_evaluation_outputs(short_run):
     assert 0.0 <= predicted["diagnosis_accuracy"] <= 1.0
 
 
+def test_diagnosis_classifier_is_kept_on_its_own_validation_score(short_run):
+    history = [h["val_diagnosis_balanced_accuracy"] for h in short_run.state.history]
+    state = short_run.state
+    assert len(history) == 4 and state.best_diagnosis_metric == max(history)
+    assert state.best_diagnosis_epoch == history.index(max(history))  # the first epoch reaching it
+    kept = short_run.run_dir / "best-diagnosis"
+    for name in ("classifier.json", "classifier.safetensors"):  # best/ serves that one, whatever epoch the network's best is
+        assert (short_run.best_dir / "diagnosis" / name).read_bytes() == (kept / name).read_bytes()
+
+
 def test_evaluate_cli_any_split_and_regime(short_run, tmp_path, capsys):
     from cmgnet.train.cli import evaluate_main
 

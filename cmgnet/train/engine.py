@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ from cmgnet.model.base import WEIGHTS_NAME
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
-from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of
+from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of, diagnosis_report
 from .ema import WeightEMA
 from .evaluate import EvalResult, Evaluator, format_table
 from .losses import build_loss
@@ -61,6 +62,7 @@ logger = logging.getLogger("cmgnet.train")
 
 BEST_DIR = "best"
 CLASSIFIER_DIR = "diagnosis"
+BEST_CLASSIFIER_DIR = "best-diagnosis"
 EMA_STATE = "ema"
 
 
@@ -74,6 +76,9 @@ class TrainState:
         global_step: optimiser steps taken.
         best_metric: best validation Dice so far (per-image mean).
         best_epoch: epoch of ``best_metric`` (``-1``: none yet).
+        best_diagnosis_metric: best validation balanced accuracy of the diagnosis classifier,
+            which is kept on its own score (``<run>/best-diagnosis/``, copied into ``best/``).
+        best_diagnosis_epoch: epoch of ``best_diagnosis_metric`` (``-1``: none yet).
         mlflow_run_id: the MLflow run to continue on resume.
         elapsed_s: training wall time of earlier sessions of this run.
         world_size: processes the checkpoint was written with.
@@ -85,6 +90,8 @@ class TrainState:
     global_step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    best_diagnosis_metric: float = -math.inf
+    best_diagnosis_epoch: int = -1
     mlflow_run_id: str | None = None
     elapsed_s: float = 0.0
     world_size: int = 1
@@ -396,11 +403,12 @@ class Trainer:
         with self._full_parameters():
             if self.is_main:
                 tmp = self.run_dir / f".{BEST_DIR}.tmp"
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._unwrapped().save_pretrained(tmp)
-                if self.classifier is not None:
+                kept = self.run_dir / BEST_CLASSIFIER_DIR
+                if kept.is_dir():  # the classifier's own best, not its state at this epoch
+                    shutil.copytree(kept, tmp / CLASSIFIER_DIR)
+                elif self.classifier is not None:
                     self.accelerator.unwrap_model(self.classifier).save(tmp / CLASSIFIER_DIR)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 save_config(self.cfg, tmp / "experiment.yaml")
@@ -648,9 +656,39 @@ class Trainer:
                 self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
                 # Logged whenever it changes, so a run stopped midway still has its best weights in MLflow.
                 self.tracker.log_artifact(best, BEST_DIR)
+        if self.classifier is not None:
+            metrics.update(self.validate_classifier(epoch))
         self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items() if k[4:] not in UNLOGGED_METRICS},
                                  step=self.state.global_step)
         return metrics
+
+    def validate_classifier(self, epoch: int) -> dict[str, float]:
+        """Score the diagnosis classifier on the validation split; keep its best by balanced accuracy.
+
+        The classifier trains beside the network but is selected on its own score: its state at
+        the network's best epoch can be several points worse (measured on the ISIC split).
+
+        Returns:
+            ``val_diagnosis_accuracy`` and ``val_diagnosis_balanced_accuracy`` (``{}`` when no
+            validation sample has a known diagnosis).
+        """
+        split = self.cfg.eval.val_split
+        report = diagnosis_report(self.evaluator.predicted_diagnoses(split), self.data.diagnoses(split))
+        if not report:
+            return {}
+        score = report["balanced_accuracy"]
+        if score > self.state.best_diagnosis_metric:
+            self.state.best_diagnosis_metric, self.state.best_diagnosis_epoch = score, epoch
+            if self.is_main:
+                classifier = self.accelerator.unwrap_model(self.classifier)
+                for target in (self.run_dir / BEST_CLASSIFIER_DIR, self.run_dir / BEST_DIR / CLASSIFIER_DIR):
+                    if target.parent.is_dir():
+                        tmp = target.with_name(f".{target.name}.tmp")
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        classifier.save(tmp)
+                        ckpt.replace_dir(tmp, target)
+            self.accelerator.wait_for_everyone()
+        return {"val_diagnosis_accuracy": report["accuracy"], "val_diagnosis_balanced_accuracy": score}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, text_regime: str, *, with_hd95: bool, overlay_dir: Path | None = None) -> EvalResult:
