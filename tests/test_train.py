@@ -249,6 +249,43 @@ def test_evaluate_cli_any_split_and_regime(short_run, tmp_path, capsys):
     assert summary["val/metadata"]["n_images"] == 6
 
 
+def test_evaluate_cli_serves_the_checkpoints_recorded_tta_and_postprocess(short_run, tmp_path, monkeypatch):
+    """A model shipped with serving choices made after training is evaluated as predict serves it:
+    recorded TTA and post-processing, fp32 whatever precision it was trained in."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from cmgnet.inference import InferenceRecord
+    from cmgnet.train import engine
+    from cmgnet.train.cli import evaluate_main
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(short_run.best_dir, shipped)
+    experiment = yaml.safe_load((shipped / "experiment.yaml").read_text())
+    experiment["train"]["mixed_precision"] = "bf16"
+    (shipped / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+    precisions = []
+    build = engine.build_accelerator
+    monkeypatch.setattr(engine, "build_accelerator", lambda cfg: precisions.append(cfg.train.mixed_precision) or build(cfg))
+    record = InferenceRecord.load(shipped)
+    assert (record.tta, record.postprocess) == (False, "none")  # as trained
+    dataclasses.replace(record, tta=True, postprocess="largest").save(shipped)
+
+    def served(*extra):
+        out = tmp_path / f"eval{len(list(tmp_path.iterdir()))}"
+        evaluate_main(["--checkpoint", str(shipped), "--split", "test", "--text-regime", "none", "--output", str(out),
+                       "--no-hd95", "--overlays", "0", *extra])
+        info = json.loads((out / "summary.json").read_text())["test/none"]
+        return info["tta"], info["postprocess"]
+
+    assert served() == (True, "largest")
+    assert served("--no-tta", "--postprocess", "fill") == (False, "fill")
+    assert served("eval.tta=false", "eval.postprocess=none") == (False, "none")
+    assert precisions == ["no"] * 3
+
+
 def test_ablation_prints_paper_table(data_root, tmp_path, capsys):
     from cmgnet.train.ablate import run_ablation
 

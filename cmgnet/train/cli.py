@@ -107,6 +107,21 @@ def _find_config(checkpoint: Path) -> Path | None:
     return None
 
 
+def _serving_choices(weights: Path, args: argparse.Namespace, overridden: set[str]) -> dict:
+    """``eval.tta``/``eval.postprocess`` as the weights are served (a shipped model may have been
+    given them after training): the inference record's, unless a flag or override sets them."""
+    from cmgnet.inference import InferenceRecord
+
+    record = InferenceRecord.load(weights)
+    choices = {}
+    for key, flag in (("tta", args.tta), ("postprocess", args.postprocess)):
+        if flag is not None:
+            choices[key] = flag
+        elif record is not None and f"eval.{key}" not in overridden:
+            choices[key] = getattr(record, key)
+    return choices
+
+
 def _find_weights(checkpoint: Path) -> Path:
     from cmgnet.model.base import WEIGHTS_NAME
 
@@ -136,10 +151,13 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     parser.add_argument("--overlays", type=int, default=None,
                         help="overlay PNGs per split and regime (default: the config's eval.overlays)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (eval.tta=true)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flip test-time augmentation on or off (default: as the checkpoint is served, "
+                             "from its inference.json; else the config's eval.tta)")
     parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
                         help="mask post-processing: largest connected component and/or filled holes "
-                             "(default: the config's eval.postprocess)")
+                             "(default: as the checkpoint is served, from its inference.json; else the "
+                             "config's eval.postprocess)")
     parser.add_argument("--track", action="store_true", help="log the results as a new MLflow run")
     args = parser.parse_args(argv)
     from .config import load_config
@@ -156,10 +174,12 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
         eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)
     if args.no_hd95:
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
-    if args.tta:
-        eval_cfg = dataclasses.replace(eval_cfg, tta=True)
-    if args.postprocess is not None:
-        eval_cfg = dataclasses.replace(eval_cfg, postprocess=args.postprocess)
+    overridden = {item.split("=", 1)[0] for item in args.overrides}
+    eval_cfg = dataclasses.replace(eval_cfg, **_serving_choices(weights, args, overridden))
+    if "train.mixed_precision" not in overridden:
+        # Serving (Segmenter, predict, the pyfunc model) computes in fp32: score the masks it gives,
+        # not the training autocast's (bf16 moved a third of the ISIC test masks by a few pixels).
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision="no"))
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
     if args.print_config:
         return _print_config(cfg)
