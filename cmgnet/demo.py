@@ -62,9 +62,7 @@ def segment_examples(out: Path, model: str = SHIPPED_MODEL) -> dict[str, float] 
         Image id -> Dice of the predicted mask against the example's ground truth, or ``None``
         when this build ships no such model.
     """
-    import numpy as np
-    from PIL import Image
-
+    from cmgnet.data.imageio import decode_mask, read_encoded
     from cmgnet.deploy.cli import predict_main
     from cmgnet.shipped import EXAMPLES_DIR, list_pretrained
 
@@ -76,8 +74,9 @@ def segment_examples(out: Path, model: str = SHIPPED_MODEL) -> dict[str, float] 
         raise RuntimeError(f"cmgnet predict {model} failed on the shipped examples (exit {code})")
     dice = {}
     for truth in sorted((EXAMPLES_DIR / "masks").glob("*.png")):
-        t = np.asarray(Image.open(truth)) > 127
-        p = np.asarray(Image.open(out / "masks" / truth.name)) > 127
+        predicted = out / "masks" / truth.name
+        t = decode_mask(read_encoded(truth), truth) > 127
+        p = decode_mask(read_encoded(predicted), predicted) > 127
         dice[truth.stem] = float(2 * (t & p).sum() / max(t.sum() + p.sum(), 1))
     return dice
 
@@ -96,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cmgnet.data.synthetic import generate_dataset
+    from cmgnet.errors import one_line
     from cmgnet.train import Trainer, load_config
     from cmgnet.train.cli import setup_logging
     from cmgnet.train.evaluate import format_table
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh run every time: the demo shows a whole training, not a resume.
     try:
         cfg = load_config(args.config, ["train.resume=", *args.overrides])
-    except (OSError, KeyError, ValueError) as err:
-        parser.error(str(err.args[0] if isinstance(err, KeyError) and err.args else err))
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        parser.error(one_line(err))
 
     root = Path(cfg.data.root)
     marker = root / f".complete-{N_TRAIN}-{N_VAL}-{N_TEST}-{SOURCE_SIZE}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import reprlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,31 +46,46 @@ class UsageError(CmgnetError):
     """The command line contradicts itself or the model (exit code 2)."""
 
 
-def load_safetensors(path: str | Path, what: str = "weights") -> dict[str, Any]:
-    """Read a safetensors file, naming it when it is missing, empty, truncated or not safetensors.
+class NonFiniteError(CmgnetError):
+    """Training met a NaN or infinite loss or weights; nothing non-finite was applied or saved."""
+
+
+def load_safetensors(path: str | Path, what: str = "weights", sha256: str | None = None,
+                     record: str | Path | None = None) -> dict[str, Any]:
+    """Read a safetensors file, naming it when it is missing, empty, truncated or not safetensors,
+    differs from its recorded SHA-256 or holds NaN/inf (:mod:`cmgnet.integrity`).
 
     Args:
         path: the file.
         what: what the file holds, for the message (``weights``, ``text cache``, ...).
+        sha256: the hash recorded for the file (``None``: none recorded, not checked).
+        record: the file ``sha256`` was recorded in (named in the message).
 
     Returns:
         Tensor name -> tensor (CPU).
 
     Raises:
-        CheckpointError: the file cannot be read as safetensors.
+        CheckpointError: the file cannot be read as safetensors, does not match ``sha256`` or
+            holds a non-finite floating-point value.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .integrity import check_finite, check_sha256
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} file not found", path)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         size = path.stat().st_size
         detail = "empty file" if size == 0 else f"{size} bytes, {_first_line(err)}"
         raise CheckpointError(f"corrupt or truncated {what} ({detail}); re-save or re-download it", path) from err
+    if sha256 is not None:
+        check_sha256(path, sha256, record or "its record")
+    check_finite(tensors, path, what)
+    return tensors
 
 
 def _first_line(err: BaseException) -> str:
@@ -85,6 +101,27 @@ def one_line(err: BaseException) -> str:
     if from_us or isinstance(err, (OSError, ValueError, KeyError, TypeError)):
         return text
     return f"{err.__class__.__name__}: {text}"
+
+
+SHOWN_CHARS = 80
+"""Longest value an error message echoes."""
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_CHARS, SHOWN_CHARS
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters with ``...``.
+
+    A config value may be huge (a megabyte string, a list of 100,000 items): an error must
+    name it, never print all of it. :mod:`reprlib` keeps the work bounded too.
+    """
+    return shorten(_REPR.repr(value), limit)
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with ``...`` (a key or name echoed in an error)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def debug_enabled(argv: Sequence[str] = ()) -> bool:

@@ -13,7 +13,8 @@ existing path is returned unchanged, so every ``--config`` accepts both.
 Trained models: like Hugging Face's ``from_pretrained("name")``, but offline. Each shipped
 model is a folder ``cmgnet/pretrained/<name>/`` holding what ``save_pretrained`` writes
 (``config.json``, ``model.safetensors`` in fp16, ``inference.json``), the diagnosis classifier
-(``diagnosis/``) and a model card (``README.md``)::
+(``diagnosis/``) and a model card (``README.md``); ``config.json`` and ``diagnosis/classifier.json``
+record the SHA-256 of their weights, which loading verifies (:mod:`cmgnet.integrity`)::
 
     SegmentationModel.from_pretrained("isic-cmgnet-lite0")
     cmgnet predict isic-cmgnet-lite0 images/ --out masks/

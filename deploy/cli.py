@@ -29,6 +29,7 @@ def export_parser() -> argparse.ArgumentParser:
     ])
     parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
     add_out_argument(parser, "bundle directory to write", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     pre = parser.add_argument_group("pre/post-processing (default: the checkpoint's inference.json; "
                                     "a different value needs --force)")
     pre.add_argument("--image-size", type=int, default=None, help="network input side")

@@ -1,6 +1,6 @@
 """Checkpoint -> deployment bundle: ONNX (checked), text features, optional int8, TensorRT, MLflow.
 
-    cmgnet export CHECKPOINT --out DIR [--max-batch 32] [--force --image-size N ...]
+    cmgnet export CHECKPOINT --out DIR [--overwrite] [--max-batch 32] [--force --image-size N ...]
                   [--tensorrt auto|require|skip] [--precision fp16] [--torch-tensorrt]
                   [--int8-calibration IMAGES...] [--mlflow-run-id RUN]
 
@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from cmgnet.data.imageio import IMAGE_EXTENSIONS
 from cmgnet.errors import cli_entry
 from cmgnet.inference import INFERENCE_NAME, resolve
 from cmgnet.model import SegmentationModel
+from cmgnet.outputs import OutputLock, refuse_existing, writing
 from cmgnet.text import NEUTRAL_SENTENCE, TextFeatureCache
 from cmgnet.text.pseudo_text import TEMPLATES
 
@@ -65,6 +67,7 @@ from .spec import (
     spec_for_model,
 )
 
+INT8_AGREEMENT_NAME = "model.int8.agreement.json"
 STANDARD_SENTENCES = tuple(dict.fromkeys([NEUTRAL_SENTENCE, *TEMPLATES.values()]))
 """Sentences whose features every bundle carries: the neutral one and each diagnosis template."""
 
@@ -360,6 +363,25 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError, DeployError, UsageError: reported as one line by ``cli_entry``.
     """
     args = _parser().parse_args(argv)
+    bundle = Path(args.out)
+    with OutputLock(bundle):  # a second export into the same --out fails at once
+        refuse_existing(bundle, existing_bundle(bundle), args.overwrite, "a bundle")
+        failed = _export(args)
+    # Logged once the lock is released, so its file is not among the artefacts.
+    if args.mlflow_run_id and log_to_mlflow(bundle, args.mlflow_run_id, args.mlflow_tracking_uri):
+        print(f"logged {bundle} to MLflow run {args.mlflow_run_id} (artifacts/deploy)")
+    return 1 if failed else 0
+
+
+def existing_bundle(bundle: Path) -> list[Path]:
+    """Files of an earlier export in ``bundle`` (deploy.json, the model files, the text assets)."""
+    names = (SPEC_NAME, ONNX_NAME, f"{ONNX_NAME}.data", INT8_ONNX_NAME, INT8_AGREEMENT_NAME, ENGINE_NAME,
+             f"{ENGINE_NAME}.json", TORCH_TRT_NAME, f"{TORCH_TRT_NAME}.json", TEXT_WEIGHTS_NAME, TEXT_CACHE_DIR)
+    return [bundle / name for name in names if (bundle / name).exists()]
+
+
+def _export(args: argparse.Namespace) -> bool:
+    """Write the bundle; ``True`` when an optional step (int8, TensorRT) failed."""
     checkpoint = checkpoint_dir(args.checkpoint)
     model = SegmentationModel.from_pretrained(checkpoint).eval()
     given = {"image_size": (args.image_size,) * 2 if args.image_size else None, "mean": args.mean, "std": args.std,
@@ -370,11 +392,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {checkpoint} has no {INFERENCE_NAME} (saved before inference records): the bundle uses "
               "the options given, else 256 px, ImageNet normalisation, threshold 0.5", file=sys.stderr)
     extra = [s.strip() for s in Path(args.sentences).read_text().splitlines() if s.strip()] if args.sentences else []
-    result = export_bundle(
-        model, args.out, image_size=given["image_size"], mean=given["mean"], std=given["std"],
-        threshold=given["threshold"], opset=args.opset, dynamic_size=not args.static_size,
-        verify_batches=args.verify_batches, sentences=extra,
-    )
+    with writing(args.out, "the bundle"):
+        # --overwrite replaces, not merges (the checks above passed): no engine or int8 file of another model stays.
+        for stale in existing_bundle(Path(args.out)):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        result = export_bundle(
+            model, args.out, image_size=given["image_size"], mean=given["mean"], std=given["std"],
+            threshold=given["threshold"], opset=args.opset, dynamic_size=not args.static_size,
+            verify_batches=args.verify_batches, sentences=extra,
+        )
     bundle, spec = result.bundle, result.spec
     print(f"wrote {result.onnx} (opset {spec.opset}, inputs {', '.join(spec.input_names)})")
     for p in result.parity:
@@ -388,10 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         failed |= not _build_tensorrt(args, bundle)
     if args.torch_tensorrt:
         failed |= not _compile_torch_tensorrt(args, model, spec, bundle)
-    if args.mlflow_run_id:
-        if log_to_mlflow(bundle, args.mlflow_run_id, args.mlflow_tracking_uri):
-            print(f"logged {bundle} to MLflow run {args.mlflow_run_id} (artifacts/deploy)")
-    return 1 if failed else 0
+    return failed
 
 
 def _export_int8(model: SegmentationModel, spec: DeploySpec, bundle: Path, images: list[Path]) -> bool:
@@ -404,7 +430,7 @@ def _export_int8(model: SegmentationModel, spec: DeploySpec, bundle: Path, image
     except (DeployError, ValueError, OSError) as err:
         print(f"error: int8 export failed: {err}", file=sys.stderr)
         return False
-    (bundle / "model.int8.agreement.json").write_text(json.dumps(asdict(agreement), indent=2) + "\n")
+    (bundle / INT8_AGREEMENT_NAME).write_text(json.dumps(asdict(agreement), indent=2) + "\n")
     print(f"wrote {bundle / INT8_ONNX_NAME}: vs fp32 on {agreement.images} calibration images, mean Dice "
           f"{agreement.mean_dice:.4f} (min {agreement.min_dice:.4f}), "
           f"max |prob diff| {agreement.max_probability_diff:.3f}")

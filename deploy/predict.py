@@ -9,16 +9,19 @@ checkpoint directory, an exported bundle, a ``.onnx``/``.engine``/``.ep`` file).
 normalisation, centre crop, threshold, text regime and TTA come from the model's inference
 contract (``inference.json`` / ``deploy.json``); an option that contradicts it is an error
 unless ``--force`` is given. An output folder that already holds results is refused unless
-``--overwrite``. Each ``INPUT`` is an image file, a
-folder of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``; not recursive) or a ``.txt`` file
-listing image paths, one per line (relative to the list's folder). Writes, per image id (the
-file stem):
+``--overwrite``; one another process is writing is refused at once (:mod:`cmgnet.outputs`).
+Each ``INPUT`` is an image file, a folder of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``;
+not recursive) or a ``.txt`` file listing image paths, one per line (relative to the list's
+folder). Writes, per image id (the file stem):
 
-* ``DIR/masks/<id>.png``: the binary mask at the image's original size (0 / 255);
+* ``DIR/masks/<id>.png``: the binary mask at the image's size as a viewer shows it (EXIF
+  orientation applied; 0 / 255);
 * ``DIR/overlays/<id>.png``: the image with the lesion tinted and its outline drawn;
 * one row of ``DIR/predictions.csv``: size, lesion area (pixels and fraction), connected
-  components, bounding box, centroid, mean probability inside the mask, the sentence used,
-  and ``status``/``error``.
+  components, bounding box, centroid (in the displayed image's pixel coordinates), mean
+  probability inside the mask, the sentence used, and ``status``/``error``. Text cells that
+  a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, CR first) get a
+  leading ``'`` (:func:`cmgnet.data.csvfiles.spreadsheet_safe`).
 
 Text per image: ``--text`` for all of them, else the image's row of ``--metadata`` (any CSV
 the dataset readers accept: ``image_id`` plus ``diagnosis, age, sex, site, description``)
@@ -43,9 +46,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cmgnet.data.errors import DataError
+from cmgnet.data.csvfiles import spreadsheet_safe
 from cmgnet.data.imageio import IMAGE_EXTENSIONS
 from cmgnet.data.metadata import read_metadata
-from cmgnet.errors import CmgnetError, cli_entry
+from cmgnet.errors import cli_entry
+from cmgnet.outputs import OutputLock, refuse_existing, writing
 
 from .errors import DeployError
 from .runtime import BACKENDS, SEGMENTER_TEXT_REGIMES, Prediction, Segmenter, load_image
@@ -55,6 +60,8 @@ CSV_COLUMNS = (
     "components", "largest_component_pixels", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
     "centroid_x", "centroid_y", "mean_probability", "sentence", "mask_path", "overlay_path",
 )
+TEXT_COLUMNS = ("image_id", "image_path", "error", "sentence", "mask_path", "overlay_path")
+"""Columns holding user-controlled text (file names, metadata sentences): escaped against formulas."""
 LESION_COLOR = np.array([255, 40, 40], dtype=np.float32)
 OUTLINE_COLOR = np.array([255, 255, 0], dtype=np.uint8)
 
@@ -142,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         CmgnetError, DeployError, DataError: bad model, inputs or output folder (one line via ``cli_entry``).
     """
     args = _parser().parse_args(argv)
+    with OutputLock(args.out):  # a second predict into the same --out fails at once
+        return _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.overwrite and (found := existing_results(out)):
-        raise CmgnetError(f"already holds results ({len(found)} files, e.g. {found[0].name}); "
-                          "pass --overwrite to replace them or choose another --out", out)
+    refuse_existing(out, existing_results(out), args.overwrite)
     images = collect_images(args.inputs)
     if args.overwrite:  # replaced, not merged: the folder then describes this run only
         for stale in existing_results(out):
@@ -197,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(len(chunk))
     progress.close()
 
-    with open(out / "predictions.csv", "w", newline="") as handle:
+    with writing(out / "predictions.csv"), open(out / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(spreadsheet_safe(row, TEXT_COLUMNS) for row in rows)
     print(f"{len(images) - failed} of {len(images)} images segmented with {segmenter.backend}; "
           f"{failed} failed; wrote {out / 'predictions.csv'}")
     return 1 if failed else 0
@@ -208,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_outputs(out: Path, path: Path, image: np.ndarray, prediction: Prediction, overlays: bool) -> dict[str, Any]:
     mask_path = out / "masks" / f"{path.stem}.png"
-    Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(mask_path)
+    with writing(mask_path):
+        Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(mask_path)
     row = {"image_id": path.stem, "image_path": str(path), "status": "ok", "error": "",
            "sentence": prediction.sentence, "mask_path": str(mask_path)}
     if overlays:
         overlay_path = out / "overlays" / f"{path.stem}.png"
-        Image.fromarray(overlay(image, prediction.mask)).save(overlay_path)
+        with writing(overlay_path):
+            Image.fromarray(overlay(image, prediction.mask)).save(overlay_path)
         row["overlay_path"] = str(overlay_path)
     return row | lesion_statistics(prediction.mask, prediction.probability)

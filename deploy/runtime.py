@@ -10,9 +10,11 @@ Backends (``Segmenter.load(path, backend=...)``):
 Pre- and post-processing are the same code for all of them, so backends differ only in the
 network's arithmetic:
 
-1. decode to RGB ``uint8``; take the centred square if the model was trained with
-   ``center_crop``; resize to the spec's image size with antialiased bilinear interpolation
-   (the training pipeline's resize, ``cmgnet.data.augment.torch_ops``); normalise
+1. decode to RGB ``uint8`` as a viewer shows the file (EXIF orientation applied, every
+   pixel mode converted by :func:`cmgnet.data.imageio.to_array`); take the centred square
+   if the model was trained with ``center_crop``; resize to the spec's image size with
+   antialiased bilinear interpolation (the training pipeline's resize,
+   ``cmgnet.data.augment.torch_ops``); normalise
    ``(x / 255 - mean) / std`` with the statistics the model was trained with;
 2. text: a sentence, a metadata record (any object with ``diagnosis, age, sex, site,
    description``: made into a sentence by :func:`cmgnet.text.pseudo_text.make_sentence` under
@@ -46,7 +48,7 @@ from PIL import Image
 from torch import Tensor
 
 from cmgnet.data.augment.params import crop_box
-from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded
+from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded, to_array
 from cmgnet.errors import load_safetensors
 from cmgnet.inference import INFERENCE_NAME, resolve
 from cmgnet.model import SegmentationModel
@@ -100,7 +102,7 @@ class Runner(Protocol):
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file to ``H x W x 3`` uint8 RGB.
+    """Decode an image file to ``H x W x 3`` uint8 RGB as a viewer shows it (EXIF orientation applied).
 
     Args:
         path: the file.
@@ -120,8 +122,8 @@ def as_rgb(image: ImageInput) -> np.ndarray:
     """Any accepted image input as ``H x W x 3`` uint8 RGB."""
     if isinstance(image, (str, Path)):
         return load_image(image)
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # the files' rules: EXIF orientation applied, every mode converted
+        return to_array(image, getattr(image, "filename", "") or "<PIL image>")
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
@@ -352,6 +354,7 @@ class Segmenter:
             sex, site only) or ``oracle`` (also the record's diagnosis); ``None``: the spec's.
         tta: average the logits over flips (``cmgnet.model.tta``); ``None``: the spec's.
         postprocess: mask post-processing (:mod:`cmgnet.model.postprocess`); ``None``: the spec's.
+        source: the model file, named when the network returns NaN or inf (``None``: in memory).
 
     Example:
         >>> seg = Segmenter.load("exported/model.onnx")
@@ -370,6 +373,7 @@ class Segmenter:
         text_regime: str | None = None,
         tta: bool | None = None,
         postprocess: str | None = None,
+        source: str | Path | None = None,
     ) -> None:
         text_regime = spec.text_regime if text_regime is None else text_regime
         if text_regime not in SEGMENTER_TEXT_REGIMES:
@@ -386,6 +390,7 @@ class Segmenter:
         self.text_regime = text_regime
         self.tta = spec.tta if tta is None else bool(tta)
         self.postprocess = check_mode(spec.postprocess if postprocess is None else postprocess)
+        self.source = source
 
     @property
     def backend(self) -> str:
@@ -473,12 +478,13 @@ class Segmenter:
             model = SegmentationModel.from_pretrained(path)
             # Without a record the defaults are only guesses: explicit values replace them unchecked.
             spec = _apply(spec_for_model(model), given, path / INFERENCE_NAME, force, checked=model.inference is not None)
-            return cls.from_model(model, spec=spec, device=device, **kwargs)
+            return cls.from_model(model, spec=spec, device=device, source=path / WEIGHTS_NAME, **kwargs)
         file, backend = _resolve_model_file(path, backend)
         device = resolve_device(device)
         if backend == "onnxruntime":
             spec = DeploySpec.load(file.parent / SPEC_NAME)
             runner: Runner = OnnxRuntimeRunner(file, device, num_threads)
+            _check_inputs(spec, runner.input_names, file.parent / SPEC_NAME, file)
         elif backend == "tensorrt":
             from .trt_engine import TensorRTRunner
 
@@ -491,7 +497,7 @@ class Segmenter:
             spec = runner.metadata.spec
         spec = _apply(spec, given, file.parent / SPEC_NAME, force)
         encoder = bundle_text_encoder(spec.text, file.parent) if spec.text is not None else None
-        return cls(runner, spec, encoder, **kwargs)
+        return cls(runner, spec, encoder, source=file, **kwargs)
 
     # --- text
 
@@ -546,6 +552,7 @@ class Segmenter:
                 raise DeployError(
                     f"backend {self.backend} returned logits of shape {tuple(logits.shape)} for {len(chunk)} images"
                 )
+            self._check_finite(logits)
             results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.spec.center_crop,
                                   self.postprocess)
             used = chunk_sentences if self.spec.text is not None else [""] * len(chunk)  # image-only: no text
@@ -554,12 +561,36 @@ class Segmenter:
 
     __call__ = predict
 
+    def _check_finite(self, logits: Tensor) -> None:
+        # NaN logits threshold to an empty mask, which would read as "no lesion found".
+        bad = int((~torch.isfinite(logits)).flatten(1).any(1).sum())
+        if bad:
+            model = f"{self.source}: " if self.source is not None else ""
+            raise DeployError(f"{model}the network ({self.backend}) returned NaN or inf for {bad} of "
+                              f"{logits.shape[0]} images, so no mask: its weights are damaged or it overflowed; "
+                              "re-export or re-download the model")
+
     def _logits(self, image: Tensor, features: Tensor | None, mask: Tensor | None) -> Tensor:
         if not self.tta:
             return self.runner(image, features, mask)
         from cmgnet.model.tta import flip_tta  # the same TTA as evaluation, for every backend
 
         return flip_tta(lambda x: self.runner(x, features, mask), image)
+
+
+def _check_inputs(spec: DeploySpec, names: Sequence[str], spec_path: Path, model_path: Path) -> None:
+    """Refuse a spec whose inputs are not the model file's, at load rather than once per image.
+
+    Raises:
+        DeployError: naming ``deploy.json`` (e.g. ``"text": null`` beside a text-guided network).
+    """
+    if sorted(names) == sorted(spec.input_names):
+        return
+    if spec.text is None:
+        what = f'"text" is null (an image-only network) but {model_path.name} takes inputs {list(names)}'
+    else:
+        what = f"describes inputs {list(spec.input_names)} but {model_path.name} takes {list(names)}"
+    raise DeployError(f"{spec_path}: {what}; re-export the bundle with `cmgnet export`")
 
 
 def resolve_model_path(path: str | Path) -> Path:

@@ -21,13 +21,13 @@ served from ``text_cache/`` for the neutral sentence and the diagnosis templates
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD, InferenceRecord, record_for_model, validate_fields
+from cmgnet.integrity import file_sha256  # noqa: F401 - re-exported for the engines and programs
 
 from .errors import DeployError
 
@@ -219,12 +219,3 @@ def spec_for_model(
         model_config=dataclasses.asdict(config), center_crop=record.center_crop, text_regime=regime, tta=record.tta,
         postprocess=record.postprocess,
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (ties an engine to the exact ONNX it was built from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -2,7 +2,8 @@
 
 Writes ``cmgnet/pretrained/<NAME>/``: the ``save_pretrained`` files with the weights in fp16
 (half the size; the masks are checked against the fp32 weights on the examples before
-anything is written), the inference record, the diagnosis classifier (fp16) and a model card
+anything is written; ``config.json`` and ``classifier.json`` record the fp16 files' SHA-256), the
+inference record, the diagnosis classifier (fp16) and a model card
 (``README.md``) filled from the evaluation summaries (``summary.json`` written by
 ``cmgnet evaluate``). ``--postprocess`` and ``--tta`` set the mask post-processing and the
 flip TTA the model is served with when they were chosen after training (on the validation
@@ -24,6 +25,9 @@ import yaml
 
 from cmgnet.errors import CmgnetError
 from cmgnet.inference import POSTPROCESS_MODES, InferenceRecord
+from cmgnet.integrity import record_sha256
+from cmgnet.outputs import OutputLock
+from cmgnet.yamlio import load_yaml
 
 CARD_TEMPLATE = """# {name}
 
@@ -152,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve with flip TTA on or off (default: the checkpoint's record)")
     args = parser.parse_args(argv)
 
-    from cmgnet.model import SegmentationModel
     from cmgnet.shipped import PRETRAINED_DIR
 
     src = Path(args.checkpoint)
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tta is not None:
         record = dataclasses.replace(record, tta=args.tta)
     rows = _rows([_read(Path(e) / "summary.json", "an evaluation summary (cmgnet evaluate)") for e in args.eval])
-    exp = _read(src / "experiment.yaml", "the run's resolved config", yaml.safe_load)
+    exp = _read(src / "experiment.yaml", "the run's resolved config", load_yaml)
     if not any(bool(r.get("tta")) == record.tta for r in rows):
         raise SystemExit(f"no evaluation used the served TTA setting ({'on' if record.tta else 'off'}): "
                          "evaluate with it too, so the card reports what is served")
@@ -175,16 +178,29 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"evaluations {', '.join(stale)} did not use the served post-processing "
                          f"{record.postprocess!r}: rerun cmgnet evaluate --postprocess {record.postprocess}")
     out = Path(args.out) if args.out else PRETRAINED_DIR / args.name
+    try:
+        with OutputLock(out, "shipped model folder", "wait for it to finish"):  # two ships would share the tmp folder
+            return _write(args, src, record, rows, exp, out)
+    except CmgnetError as err:
+        raise SystemExit(str(err)) from None
+
+
+def _write(args: argparse.Namespace, src: Path, record: InferenceRecord, rows: list[dict], exp: dict, out: Path) -> int:
+    """Write the fp16 copy, the record and the card into a temporary folder, then swap it in as ``out``."""
+    from cmgnet.model import SegmentationModel
+
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(src / "config.json", tmp / "config.json")
     record.save(tmp)
     _fp16(src / "model.safetensors", tmp / "model.safetensors")
+    record_sha256(tmp / "config.json", tmp / "model.safetensors")  # the fp16 file's hash, which loading verifies
     if (src / "diagnosis").is_dir():
         (tmp / "diagnosis").mkdir()
         shutil.copy2(src / "diagnosis" / "classifier.json", tmp / "diagnosis" / "classifier.json")
         _fp16(src / "diagnosis" / "classifier.safetensors", tmp / "diagnosis" / "classifier.safetensors")
+        record_sha256(tmp / "diagnosis" / "classifier.json", tmp / "diagnosis" / "classifier.safetensors")
 
     from cmgnet.shipped import EXAMPLES_DIR
 

@@ -177,6 +177,7 @@ def test_resume_skips_a_damaged_latest_checkpoint(assets, tmp_path, capsys):
 BUNDLE_FAULTS = {
     "1-element mean": ("deploy.json", lambda d: d | {"mean": [0.5]}),
     "array spec": ("deploy.json", lambda d: [d]),
+    "text null": ("deploy.json", lambda d: d | {"text": None}),  # a text-guided model.onnx: refused at load
     "garbage onnx": ("model.onnx", b"this is not an onnx protobuf"),
     "truncated onnx": ("model.onnx", None),
     "corrupt text cache": ("text_cache/tiny-random-bert.safetensors", b"\x01\x02garbage"),

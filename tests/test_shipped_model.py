@@ -106,6 +106,9 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values() if v.is_floating_point())
+    from cmgnet.integrity import file_sha256, recorded_sha256
+
+    assert recorded_sha256(out / "config.json") == file_sha256(out / "model.safetensors")  # the fp16 file's
     assert "flip TTA off" in card
     # Flip TTA chosen after training: one of the evaluations must report it.
     with pytest.raises(SystemExit, match=r"no evaluation used the served TTA setting \(on\)"):

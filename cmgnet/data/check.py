@@ -16,11 +16,11 @@ from cmgnet.errors import cli_entry
 
 from .csvfiles import find_column, read_csv
 from .errors import DataError
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from .imageio import DEFAULT_MAX_PIXELS
 from .metadata import ID_COLUMNS
 from .readers import FORMATS, detect_format, read_dataset
 from .records import LesionRecord
-from .validate import LEVELS, ValidationReport, validate_records
+from .validate import LEVELS, ValidationReport, orphan_masks, validate_records
 
 _NONE = "(none)"
 
@@ -44,28 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--split-csv", metavar="CSV", help="also check a split file (image_id, split) against the data")
     return parser
-
-
-def orphan_masks(records: Sequence[LesionRecord]) -> list[DataError]:
-    """Mask files in the dataset's mask folders that no image claims (one error per file).
-
-    Args:
-        records: the dataset's records (their ``mask_path`` folders are the ones searched).
-
-    Returns:
-        One :class:`DataError` per orphaned mask, sorted by path.
-    """
-    claimed = {r.mask_path.resolve() for r in records if r.mask_path is not None}
-    folders = {r.mask_path.parent for r in records if r.mask_path is not None}
-    images = {r.image_path.resolve() for r in records}
-    found = []
-    for folder in sorted(folders):
-        for path in sorted(folder.iterdir()):
-            resolved = path.resolve()
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and resolved not in claimed \
-                    and resolved not in images:
-                found.append(DataError("mask without an image (no image with this id in the dataset)", path))
-    return found
 
 
 def unknown_split_ids(path: str | Path, records: Sequence[LesionRecord]) -> list[DataError]:
@@ -96,7 +74,7 @@ def summarize(records: Sequence[LesionRecord], report: ValidationReport) -> str:
 
     Args:
         records: the dataset's records.
-        report: their validation report (for sizes).
+        report: their validation report (for sizes and files decoded through a conversion).
 
     Returns:
         Multi-line text.
@@ -124,6 +102,11 @@ def summarize(records: Sequence[LesionRecord], report: ValidationReport) -> str:
         "missing metadata: " + ", ".join(f"{name} {count}" for name, count in missing.items()),
         f"free-text descriptions: {sum(r.description is not None for r in records)}",
     ]
+    if report.converted:  # decoded correctly, but worth knowing: e.g. a phone photo's EXIF rotation
+        examples = "; ".join(f"{key} ({why})" for key, why in list(report.converted.items())[:3])
+        more = f"; ... {len(report.converted) - 3} more" if len(report.converted) > 3 else ""
+        lines.append(f"converted when decoded (EXIF orientation, 16-bit, palette, alpha, ...): "
+                     f"{len(report.converted)}: {examples}{more}")
     return "\n".join(lines)
 
 

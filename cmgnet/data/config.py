@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cmgnet.errors import shown
 from cmgnet.text.pseudo_text import TEXT_REGIMES
 
 from .augment.params import AUGMENTS
@@ -102,7 +103,8 @@ class DataConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
+                raise ValueError(f"DataConfig.{name}={shown(getattr(self, name))}; "
+                                 f"expected one of {', '.join(allowed)}")
         if self.image_size <= 0 or self.image_size % 16:
             raise ValueError(f"DataConfig.image_size={self.image_size} must be a positive multiple of 16")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:

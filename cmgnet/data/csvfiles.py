@@ -1,11 +1,41 @@
-"""CSV reading with row numbers and header checks, for errors that name file and row."""
+"""CSV files: reading with row numbers and header checks (errors name file and row), and
+writing cells a spreadsheet will not run as formulas."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
+
+FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a cell as a formula (OWASP, CSV injection)."""
+
+
+def spreadsheet_safe(row: Mapping[str, Any], text_columns: Iterable[str]) -> dict[str, Any]:
+    """A row to write to a CSV that people open in spreadsheets, its user-supplied text made inert.
+
+    OWASP's rule: a string cell that begins with ``=``, ``+``, ``-``, ``@``, tab or carriage
+    return gets a leading single quote, so ``=HYPERLINK(...)`` in a file name, image id or
+    metadata sentence is shown as text, not run. Only ``text_columns`` are touched (ids,
+    paths, sentences, error messages): numbers the program computed, a negative one
+    included, stay numbers. Programs reading the CSV back see the quote.
+
+    Args:
+        row: column -> value.
+        text_columns: the columns that hold user-controlled strings.
+
+    Returns:
+        A copy of ``row`` with those string cells escaped.
+    """
+    safe = dict(row)
+    for column in text_columns:
+        value = safe.get(column)
+        if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+            safe[column] = "'" + value
+    return safe
 
 
 def read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

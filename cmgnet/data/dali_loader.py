@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
 
 from .augment.dali_pipeline import build_pipeline, sample_inputs, source_inputs
 from .augment.params import crop_box, sample_params
 from .dataset import Batch, SplitData
-from .imageio import non_binary_mask, read_encoded
+from .imageio import DEFAULT_MAX_PIXELS, decode_image, decode_mask, non_binary_mask, read_encoded
 from .sampling import EpochPlan
 
 
@@ -23,8 +25,9 @@ class _Source:
     the current one finishes, which a per-epoch source with ``StopIteration`` would stall.
     """
 
-    def __init__(self, data: SplitData, plan: EpochPlan, seed: int, start_epoch: int) -> None:
+    def __init__(self, data: SplitData, plan: EpochPlan, seed: int, start_epoch: int, max_pixels: int) -> None:
         self.data, self.plan, self.seed, self.start_epoch = data, plan, seed, start_epoch
+        self.max_pixels = max_pixels
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         for epoch in itertools.count(self.start_epoch):
@@ -49,9 +52,15 @@ class _Source:
         width, height = self.data.sizes[record.image_id]
         top, left, side = crop_box(height, width)
         region = (side, side) if spec.center_crop else (height, width)
+        image_bytes, mask_bytes = read_encoded(record.image_path), read_encoded(record.mask_path)
+        if record.image_id in self.data.converted:
+            # EXIF-rotated, 16-bit, palette, alpha, CMYK, ... files: DALI's decoders would read
+            # them otherwise than the PyTorch path, so PIL decodes them and DALI gets upright 8-bit PNGs.
+            image_bytes = _png(decode_image(image_bytes, record.image_path, self.max_pixels))
+            mask_bytes = _png(decode_mask(mask_bytes, record.mask_path, self.max_pixels))
         return {
-            "image_bytes": read_encoded(record.image_path),
-            "mask_bytes": read_encoded(record.mask_path),
+            "image_bytes": image_bytes,
+            "mask_bytes": mask_bytes,
             "mean": np.array(
                 [255.0 * m - s for m, s in zip(spec.mean, params.rgb_shift, strict=True)], dtype=np.float32
             ),
@@ -61,6 +70,13 @@ class _Source:
             "roi_end": np.array([top + side, left + side], dtype=np.float32),
             **sample_inputs(params, spec.size),
         }
+
+
+def _png(pixels: np.ndarray) -> np.ndarray:
+    """Lossless PNG bytes of decoded 8-bit pixels (DALI decodes them back exactly)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
 class DaliLoader:
@@ -78,6 +94,7 @@ class DaliLoader:
         num_threads: DALI CPU threads.
         device: ``"cpu"`` or ``"gpu"``.
         device_id: CUDA device for ``"gpu"``.
+        max_pixels: limit for the files decoded by PIL (see :class:`_Source`).
     """
 
     def __init__(
@@ -90,8 +107,10 @@ class DaliLoader:
         num_threads: int = 2,
         device: str = "cpu",
         device_id: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.data, self.plan, self.seed, self.epoch = data, plan, seed, epoch
+        self.max_pixels = max_pixels
         self.num_threads, self.device, self.device_id = num_threads, device, device_id
         self._iterator: DALIGenericIterator | None = None
         self._position: tuple[int, int] | None = None  # (epoch, batches read) of the running stream
@@ -105,7 +124,7 @@ class DaliLoader:
 
     def _start(self, epoch: int) -> None:
         pipe = build_pipeline(
-            _Source(self.data, self.plan, self.seed, epoch),
+            _Source(self.data, self.plan, self.seed, epoch, self.max_pixels),
             self.data.spec,
             batch_size=self.plan.batch_size,
             num_threads=self.num_threads,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
@@ -35,7 +35,9 @@ class SplitData:
         texts: one sentence per sample (the split's text regime applied).
         spec: the transform.
         train: training (augmented, shuffled) or evaluation (deterministic).
-        sizes: image id -> ``(width, height)`` from the file headers.
+        sizes: image id -> ``(width, height)`` from the file headers, as displayed.
+        converted: image id -> why its files are not plain 8-bit upright ones (see
+            :class:`~cmgnet.data.validate.ValidationReport`); DALI leaves their decoding to PIL.
     """
 
     samples: list[Sample]
@@ -43,6 +45,7 @@ class SplitData:
     spec: TransformSpec
     train: bool
     sizes: dict[str, tuple[int, int]]
+    converted: dict[str, str] = field(default_factory=dict)
 
 
 def sentences(
@@ -113,7 +116,8 @@ def prepare_split(
         shift=cfg.shift_range if augmented else 0.0,
     )
     regime = cfg.text_regime_train if train else cfg.text_regime_eval
-    return SplitData(samples, sentences(samples, regime, predicted_diagnoses), spec, train, report.sizes)
+    return SplitData(samples, sentences(samples, regime, predicted_diagnoses), spec, train, report.sizes,
+                     report.converted)
 
 
 class SegmentationDataset(Dataset):

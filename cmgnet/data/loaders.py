@@ -89,6 +89,10 @@ class TorchLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=pin_memory,
+            # Without its own generator, each iterator creation draws the workers' base seed from
+            # torch's global RNG; with persistent workers that happens once per process, so a
+            # resumed run would draw at other points and shift modality dropout (inexact resume).
+            generator=torch.Generator().manual_seed(plan.seed),
         )
 
     @property
@@ -183,5 +187,6 @@ def build_loader(
         device = "gpu" if torch.cuda.is_available() else "cpu"
     device_id = torch.cuda.current_device() if device == "gpu" else None
     return DaliLoader(
-        data, plan, seed=seed, epoch=epoch, num_threads=max(1, cfg.num_workers), device=device, device_id=device_id
+        data, plan, seed=seed, epoch=epoch, num_threads=max(1, cfg.num_workers), device=device, device_id=device_id,
+        max_pixels=cfg.max_pixels,
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
-from .imageio import DEFAULT_MAX_PIXELS, decode_image, decode_mask, probe, read_encoded
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInfo, decode_image, decode_mask, probe, read_encoded
 from .records import LesionRecord
 
 LEVELS: tuple[str, ...] = ("header", "full")
@@ -31,12 +31,17 @@ class ValidationReport:
 
     Attributes:
         level: ``"header"`` (file headers only) or ``"full"`` (every pixel decoded).
-        sizes: image id -> ``(width, height)`` of every image whose header could be read.
+        sizes: image id -> ``(width, height)`` as displayed (EXIF orientation applied) of every
+            image whose header could be read.
+        converted: image id -> why its image or mask is not a plain upright 8-bit file
+            (:meth:`~cmgnet.data.imageio.ImageInfo.conversion`); the DALI loader decodes these
+            through :func:`~cmgnet.data.imageio.to_array` instead of its own decoders.
         errors: one :class:`DataError` per bad file, in record order.
     """
 
     level: str
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    converted: dict[str, str] = field(default_factory=dict)
     errors: list[DataError] = field(default_factory=list)
 
     def raise_if_failed(self, shown: int = 10) -> None:
@@ -51,24 +56,36 @@ class ValidationReport:
         raise DataError(f"{len(self.errors)} problems in the dataset:\n  " + "\n  ".join(lines))
 
 
-def _check_record(record: LesionRecord, level: str, max_pixels: int, require_masks: bool) -> tuple[int, int]:
+_Checked = tuple[tuple[int, int], str | None]  # displayed (width, height), conversion note
+
+
+def _check_record(record: LesionRecord, level: str, max_pixels: int, require_masks: bool) -> _Checked:
     image = probe(record.image_path, max_pixels)
+    notes = [f"image: {image.conversion()}"] if image.conversion() else []
     if record.mask_path is None:
         if require_masks:
             raise DataError(f"no mask for image {record.image_id!r}", record.image_path)
     else:
         mask = probe(record.mask_path, max_pixels)
-        if (mask.width, mask.height) != (image.width, image.height):
+        if (mask.width, mask.height) != (image.width, image.height):  # both as displayed
             raise DataError(
                 f"mask is {mask.width}x{mask.height} but its image {record.image_path.name} "
-                f"is {image.width}x{image.height}",
+                f"is {image.width}x{image.height}" + _rotated(image, mask),
                 record.mask_path,
             )
+        notes += [f"mask: {mask.conversion(mask=True)}"] if mask.conversion(mask=True) else []
     if level == "full":
         decode_image(read_encoded(record.image_path), record.image_path, max_pixels)
         if record.mask_path is not None:
             decode_mask(read_encoded(record.mask_path), record.mask_path, max_pixels)
-    return image.width, image.height
+    return (image.width, image.height), "; ".join(notes) or None
+
+
+def _rotated(image: ImageInfo, mask: ImageInfo) -> str:
+    """A hint when an EXIF orientation is what makes the sizes differ."""
+    rotated = [f"{name} has EXIF orientation {info.orientation}" for name, info in (("image", image), ("mask", mask))
+               if info.orientation >= 5]
+    return f" as displayed ({', '.join(rotated)}: sizes are compared as a viewer shows them)" if rotated else ""
 
 
 def cache_dir() -> Path:
@@ -111,16 +128,16 @@ class _ValidatedCache:
         except OSError:
             return None
 
-    def get(self, record: LesionRecord) -> tuple[int, int] | None:
+    def get(self, record: LesionRecord) -> _Checked | None:
         entry = self.entries.get(self.key(record))
         stamp = self._stamp(record)
-        if entry is None or stamp is None or entry[:3] != stamp:
-            return None
-        return entry[3], entry[4]
+        if entry is None or stamp is None or len(entry) != 6 or entry[:3] != stamp:
+            return None  # 5-entry records predate orientation-aware sizes: check again
+        return (entry[3], entry[4]), entry[5]
 
-    def put(self, record: LesionRecord, size: tuple[int, int]) -> None:
+    def put(self, record: LesionRecord, checked: _Checked) -> None:
         if (stamp := self._stamp(record)) is not None:
-            self.entries[self.key(record)] = [*stamp, *size]
+            self.entries[self.key(record)] = [*stamp, *checked[0], checked[1]]
             self.dirty = True
 
     def save(self) -> None:
@@ -170,10 +187,10 @@ def validate_records(
 
     cache = _ValidatedCache(records, max_pixels) if level == "full" and records else None
 
-    def check(record: LesionRecord) -> tuple[LesionRecord, tuple[int, int] | DataError, bool]:
+    def check(record: LesionRecord) -> tuple[LesionRecord, _Checked | DataError, bool]:
         if cache is not None and (record.mask_path is not None or not require_masks):
-            if (size := cache.get(record)) is not None:
-                return record, size, True
+            if (checked := cache.get(record)) is not None:
+                return record, checked, True
         try:
             return record, _check_record(record, level, max_pixels, require_masks), False
         except DataError as error:
@@ -184,9 +201,36 @@ def validate_records(
             if isinstance(result, DataError):
                 report.errors.append(result)
             else:
-                report.sizes[record.image_id] = result
+                report.sizes[record.image_id] = result[0]
+                if result[1]:
+                    report.converted[record.image_id] = result[1]
                 if cache is not None and not cached:
                     cache.put(record, result)
     if cache is not None:
         cache.save()
     return report
+
+
+def orphan_masks(records: Sequence[LesionRecord]) -> list[DataError]:
+    """Mask files in the dataset's mask folders that no image claims (one error per file).
+
+    A renamed or deleted image leaves its mask behind: ``cmgnet data check`` and the checks
+    before training and evaluation report it alike, so a smaller dataset is never silent.
+
+    Args:
+        records: the dataset's records (their ``mask_path`` folders are the ones searched).
+
+    Returns:
+        One :class:`DataError` per orphaned mask, sorted by path.
+    """
+    claimed = {r.mask_path.resolve() for r in records if r.mask_path is not None}
+    folders = {r.mask_path.parent for r in records if r.mask_path is not None}
+    images = {r.image_path.resolve() for r in records}
+    found = []
+    for folder in sorted(folders):
+        for path in sorted(folder.iterdir()):
+            resolved = path.resolve()
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and resolved not in claimed \
+                    and resolved not in images:
+                found.append(DataError("mask without an image (no image with this id in the dataset)", path))
+    return found

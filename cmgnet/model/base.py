@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cmgnet.errors import CheckpointError, load_safetensors
+from cmgnet.errors import CheckpointError, load_safetensors, shown
 from cmgnet.inference import INFERENCE_NAME, InferenceRecord
+from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, recorded_sha256
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -43,7 +44,7 @@ def list_models() -> list[str]:
 def model_class(name: str) -> type[SegmentationModel]:
     """The registered class of ``name``."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise KeyError(f"unknown model {shown(name)}; available: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
@@ -108,12 +109,22 @@ class SegmentationModel(nn.Module):
         return {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+
+        ``config.json`` records the weights file's SHA-256 (``weights_sha256``), which loading
+        verifies (:mod:`cmgnet.integrity`).
+
+        Raises:
+            CheckpointError: a weight is NaN or inf (nothing is written).
+        """
         directory = Path(directory)
+        state = self.saved_state_dict()
+        check_finite(state, directory / WEIGHTS_NAME, "weights (not saved)")
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model": self.model_name, "config": dataclasses.asdict(self.config)}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"model": self.model_name})
+        config = {"model": self.model_name, "config": dataclasses.asdict(self.config),
+                  SHA256_KEY: file_sha256(directory / WEIGHTS_NAME)}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(self.saved_state_dict(), str(directory / WEIGHTS_NAME), metadata={"model": self.model_name})
         if self.inference is not None:
             self.inference.save(directory)
         else:  # a stale record must not describe other weights
@@ -121,8 +132,13 @@ class SegmentationModel(nn.Module):
         return directory
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a safetensors weights file; every non-external parameter must be present."""
-        state = load_safetensors(path, "model weights")
+        """Load a safetensors weights file; every non-external parameter must be present.
+
+        The SHA-256 recorded in the ``config.json`` beside it, if any, must match, and every
+        value must be finite.
+        """
+        record = Path(path).with_name(CONFIG_NAME)
+        state = load_safetensors(path, "model weights", recorded_sha256(record), record)
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches: weights of another configuration
@@ -196,7 +212,7 @@ def _mistyped(config_class: type, values: dict[str, Any]) -> list[str]:
         else:
             continue
         if not ok:
-            problems.append(f"{f.name}: expected {kind.__name__}, got {value!r}")
+            problems.append(f"{f.name}: expected {kind.__name__}, got {shown(value)}")
     return problems
 
 

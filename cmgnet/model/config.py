@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cmgnet.errors import shown
 from cmgnet.text.encoder import DEFAULT_TEXT_MODEL
 
 
@@ -38,9 +39,9 @@ class UNetConfig:
         from .encoders import ENCODERS, list_encoders
 
         if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; available: {', '.join(list_encoders())}")
+            raise ValueError(f"unknown encoder {shown(self.encoder)}; available: {', '.join(list_encoders())}")
         if self.encoder_weights not in ("none", "imagenet"):
-            raise ValueError(f"encoder_weights must be 'imagenet' or 'none', got {self.encoder_weights!r}")
+            raise ValueError(f"encoder_weights must be 'imagenet' or 'none', got {shown(self.encoder_weights)}")
         if self.encoder == "unet" and self.encoder_weights != "none":
             raise ValueError("the 'unet' encoder trains from scratch: set encoder_weights: none "
                              "or pick a pretrained encoder (efficientnet-lite0/1/2)")

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from cmgnet.errors import CheckpointError, load_safetensors
+from cmgnet.outputs import writing
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -91,8 +92,10 @@ def save_state(state: Any, directory: Path, name: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(state, tensors, "s")
     if tensors:
-        save_file(tensors, str(directory / f"{name}.safetensors"))
-    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+        with writing(directory / f"{name}.safetensors"):
+            save_file(tensors, str(directory / f"{name}.safetensors"))
+    with writing(directory / f"{name}.json"):
+        (directory / f"{name}.json").write_text(json.dumps(skeleton))
 
 
 def load_state(directory: Path, name: str) -> Any:
@@ -109,13 +112,22 @@ def load_state(directory: Path, name: str) -> Any:
 def verify_checkpoint(directory: Path) -> str | None:
     """What is wrong with a checkpoint directory, or ``None`` when it looks loadable.
 
-    Cheap: JSON files are parsed, safetensors headers read (a truncated file fails there);
+    Cheap: JSON files are parsed, safetensors headers read (a truncated file fails there),
+    weights hashed against the SHA-256 their record holds (damaged bytes fail there);
     DeepSpeed shards are not inspected.
 
     Returns:
         One line naming the bad file, or ``None``.
     """
     from safetensors import SafetensorError, safe_open
+
+    from cmgnet.integrity import file_sha256, recorded_sha256
+    from cmgnet.model.base import CONFIG_NAME, WEIGHTS_NAME
+
+    from .diagnosis import CONFIG_NAME as CLASSIFIER_CONFIG
+    from .diagnosis import WEIGHTS_NAME as CLASSIFIER_WEIGHTS
+
+    records = {WEIGHTS_NAME: CONFIG_NAME, CLASSIFIER_WEIGHTS: CLASSIFIER_CONFIG}  # weights -> the record of its hash
 
     state = directory / "trainer_state.json"
     try:
@@ -132,6 +144,13 @@ def verify_checkpoint(directory: Path) -> str | None:
                 handle.keys()
         except (SafetensorError, OSError) as err:
             return f"{path}: corrupt or truncated ({str(err).splitlines()[0] if str(err) else 'empty'})"
+        record = path.with_name(records[path.name]) if path.name in records else None
+        try:
+            expected = recorded_sha256(record) if record is not None else None
+        except CheckpointError as err:
+            return str(err)
+        if expected is not None and file_sha256(path) != expected:
+            return f"{path}: weights do not match the SHA-256 recorded in {record}"
     for path in sorted(directory.glob("*.json")):
         try:
             json.loads(path.read_text())
@@ -182,9 +201,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so readers see either the old or the new content."""
+    """Write a small file so readers see either the old or the new content.
+
+    Raises:
+        WriteFailedError: the disk is full, read-only or not writable (naming ``path``; the old
+            content stays).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -241,11 +265,13 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        write(tmp)
+        with writing(tmp, "the checkpoint"):  # a full disk names the file; the previous checkpoint stays
+            write(tmp)
         self.barrier()
         if self.is_main:
-            (tmp / COMPLETE).write_text(name + "\n")
-            _fsync_tree(tmp)
+            with writing(tmp, "the checkpoint"):
+                (tmp / COMPLETE).write_text(name + "\n")
+                _fsync_tree(tmp)
             replace_dir(tmp, final)
             atomic_write_text(self.root / LATEST, name + "\n")
             self._prune(keep=final)

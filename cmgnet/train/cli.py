@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cmgnet.errors import cli_entry
+from cmgnet.errors import cli_entry, one_line
 from cmgnet.inference import POSTPROCESS_MODES
 
 TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
@@ -56,8 +56,8 @@ def _usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     """A bad config, override or path is a usage error: one line and exit 2, no traceback."""
     try:
         yield
-    except (OSError, KeyError, ValueError) as err:
-        parser.error(str(err.args[0] if isinstance(err, KeyError) and err.args else err))
+    except (OSError, KeyError, ValueError, TypeError) as err:  # TypeError: a mistyped config value
+        parser.error(one_line(err))
 
 
 def _print_config(cfg) -> int:
@@ -148,6 +148,7 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     from cmgnet.cliargs import add_out_argument
 
     add_out_argument(parser, "output folder (default: <checkpoint>/eval-<timestamp>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an evaluation already in --out")
     parser.add_argument("--overlays", type=int, default=None,
                         help="overlay PNGs per split and regime (default: the config's eval.overlays)")
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
@@ -186,14 +187,14 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     setup_logging()
     try:
         run_evaluation(cfg, weights, args.split or cfg.eval.splits, args.text_regime or cfg.eval.text_regimes,
-                       Path(args.out) if args.out else None, track=args.track)
+                       Path(args.out) if args.out else None, track=args.track, overwrite=args.overwrite)
     finally:
         _finish()
     return 0
 
 
 def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[str], output: Path | None,
-                   track: bool = False) -> list:
+                   track: bool = False, overwrite: bool = False) -> list:
     """Evaluate a ``save_pretrained`` directory; print the tables; write JSON/CSV/overlays.
 
     Args:
@@ -203,34 +204,56 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
         regimes: text regimes to evaluate.
         output: output folder (default: ``<weights>/eval-<timestamp>``).
         track: also log a new MLflow run with the metrics and files.
+        overwrite: replace an evaluation already in ``output`` (else it is refused).
 
     Returns:
         The :class:`~cmgnet.train.evaluate.EvalResult` list.
+
+    Raises:
+        CmgnetError: ``output`` is being written by another process, or holds an evaluation
+            and ``overwrite`` is false.
     """
     import time
 
     from cmgnet.model import SegmentationModel
+    from cmgnet.outputs import lock_on_main, refuse_existing
 
     from .data import DataModule
     from .diagnosis import DiagnosisClassifier
     from .engine import CLASSIFIER_DIR, apply_attention_backend, build_accelerator
-    from .evaluate import Evaluator, format_table
+    from .evaluate import Evaluator, existing_evaluation, format_table
     from .tracking import Tracker, eval_metrics, git_info, ui_command
 
     log = logging.getLogger("cmgnet.evaluate")
     accelerator = build_accelerator(cfg)
-    apply_attention_backend(cfg)
-    model = accelerator.prepare_model(SegmentationModel.from_pretrained(weights), evaluation_mode=True)
-    classifier = None
-    if (weights / CLASSIFIER_DIR).exists():
-        classifier = accelerator.prepare_model(DiagnosisClassifier.load(weights / CLASSIFIER_DIR), evaluation_mode=True)
-    data = DataModule(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
-    data.validate(splits)  # a bad file is an error, not a silently skipped split
-    output = output or weights / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    evaluator = Evaluator(cfg, model, data, accelerator, classifier)
-    main = accelerator.is_main_process
-    results = evaluator.run(splits, regimes, output, log=log.info if main else (lambda _m: None),
-                            checkpoint=str(weights))
+    if output is None:
+        name = [f"eval-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if accelerator.num_processes > 1:  # one folder, whatever second each rank's clock reads
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(name)
+        output = weights / name[0]
+
+    def replace_earlier() -> None:  # replaced, not merged: the folder then describes this evaluation only
+        found = existing_evaluation(output)
+        refuse_existing(output, found, overwrite, "an evaluation")
+        for stale in found:
+            stale.unlink()
+
+    # Held while the results are written (not while MLflow copies them: the lock file is no result).
+    with lock_on_main(accelerator, output, prepare=replace_earlier) or contextlib.nullcontext():
+        apply_attention_backend(cfg)
+        model = accelerator.prepare_model(SegmentationModel.from_pretrained(weights), evaluation_mode=True)
+        classifier = None
+        if (weights / CLASSIFIER_DIR).exists():
+            classifier = accelerator.prepare_model(DiagnosisClassifier.load(weights / CLASSIFIER_DIR),
+                                                   evaluation_mode=True)
+        data = DataModule(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
+        data.validate(splits)  # a bad file is an error, not a silently skipped split
+        evaluator = Evaluator(cfg, model, data, accelerator, classifier)
+        main = accelerator.is_main_process
+        results = evaluator.run(splits, regimes, output, log=log.info if main else (lambda _m: None),
+                                checkpoint=str(weights))
     if main and results:
         print(format_table(results))
         print(format_table(results, "pooled"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmgnet.errors import cli_entry
+from cmgnet.errors import cli_entry, shorten, shown
 
 from .ablate import ablation_variant
 from .variants import CostSpec, Variant
@@ -85,7 +85,8 @@ class CompareConfig:
         catalogue = dict(CATALOGUE)
         for key, spec in self.variants.items():
             if not isinstance(spec, Mapping) or set(spec) - {"label", "arch", "note", "model"}:
-                raise ValueError(f"compare.variants.{key}: expected a mapping of label, arch, note, model; got {spec!r}")
+                raise ValueError(f"compare.variants.{shorten(str(key))}: expected a mapping of label, arch, note, "
+                                 f"model; got {shown(spec)}")
             base = catalogue.get(key)
             if base is None and "arch" not in spec:
                 raise ValueError(f"compare.variants.{key}: a new variant needs an arch")

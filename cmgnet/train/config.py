@@ -18,6 +18,7 @@ wrong model silently.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -29,9 +30,14 @@ from typing import Any
 import yaml
 
 from cmgnet.data.config import DataConfig
+from cmgnet.errors import one_line, shorten, shown
 from cmgnet.inference import PostprocessMode
 from cmgnet.model import CMGNetConfig, model_class
 from cmgnet.model.encoders import encoder_normalization
+from cmgnet.outputs import writing
+from cmgnet.yamlio import BoundedLoader, load_yaml, yaml_problem
+
+from .config_ranges import check_experiment, check_value
 
 
 @dataclass
@@ -126,6 +132,11 @@ class TrainConfig:
         ema_decay: keep an exponential moving average of the network's weights with this
             decay (0: off; e.g. 0.998, a horizon of 500 steps) and validate, keep and evaluate
             the averaged weights instead of the raw ones (:mod:`cmgnet.train.ema`).
+        max_nonfinite_steps: optimiser steps in a row whose loss (or, without fp16 loss
+            scaling, gradient norm) is NaN or inf that are skipped (never applied) before
+            training stops with an error naming the step; 0 stops at the first. Nothing
+            non-finite is ever saved. Under DeepSpeed, which steps inside backward, the first
+            one stops training.
     """
 
     epochs: int = 100
@@ -151,6 +162,7 @@ class TrainConfig:
     diagnosis_lr: float = 1e-3
     attention_backend: str = ""
     ema_decay: float = 0.0
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         from cmgnet.kernels import BACKENDS
@@ -159,7 +171,7 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay: {self.ema_decay} must be in [0, 1) (0 turns the average off)")
 
         if self.attention_backend not in ("", *BACKENDS):
-            raise ValueError(f"train.attention_backend: {self.attention_backend!r} is not one of {BACKENDS} "
+            raise ValueError(f"train.attention_backend: {shown(self.attention_backend)} is not one of {BACKENDS} "
                              "(or '' for the CMGNET_ATTENTION environment variable)")
 
 
@@ -253,7 +265,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, Mapping):
-            raise TypeError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+            raise TypeError(f"{key}: expected a mapping of {hint.__name__} fields, got {shown(value)}")
         return from_dict(hint, value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -265,10 +277,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
-        raise TypeError(f"{key}: {value!r} matches none of {hint}: {'; '.join(errors)}")
+        raise TypeError(f"{key}: {shown(value)} matches none of {hint}: {'; '.join(errors)}")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise ValueError(f"{key}: {value!r} is not one of {typing.get_args(hint)}")
+            raise ValueError(f"{key}: {shown(value)} is not one of {typing.get_args(hint)}")
         return value
     if origin in (list, tuple, Sequence):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -276,7 +288,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
-                raise ValueError(f"{key}: expected {len(args)} values, got {value!r}")
+                raise ValueError(f"{key}: expected {len(args)} values, got {shown(value)}")
             items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_hint = args[0] if args else Any
@@ -284,7 +296,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise TypeError(f"{key}: expected a mapping, got {value!r}")
+            raise TypeError(f"{key}: expected a mapping, got {shown(value)}")
         return dict(value)
     if hint is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
@@ -293,22 +305,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{key}: expected a number, got {value!r}")
+            raise TypeError(f"{key}: expected a number, got {shown(value)}")
+        if not math.isfinite(value):  # nan/inf train to NaN weights or fail deep inside PyTorch
+            raise ValueError(f"{key}={shown(value)}: must be a finite number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key}: expected an integer, got {value!r}")
+            raise TypeError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{key}: expected true/false, got {value!r}")
+            raise TypeError(f"{key}: expected true/false, got {shown(value)}")
         return value
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"{key}: expected a string, got {value!r}")
+            raise TypeError(f"{key}: expected a string, got {shown(value)}")
         return str(value)
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise TypeError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise TypeError(f"{key}: expected {hint.__name__}, got {shown(value)}")
     return value
 
 
@@ -329,12 +343,15 @@ def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=str)
     if unknown:
         where = prefix or "config"
-        keys = ", ".join(f"{prefix}.{u}".lstrip(".") for u in unknown)
-        raise KeyError(f"unknown key(s) {keys} in {where}; valid: {', '.join(names)}")
+        keys = ", ".join(shorten(f"{prefix}.{u}".lstrip(".")) for u in unknown[:10])
+        raise KeyError(f"unknown key(s) {keys}{' ...' if len(unknown) > 10 else ''} in {where}; "
+                       f"valid: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in values.items()}
+    for k, v in kwargs.items():  # before cls(): its own checks would not name the dotted key
+        check_value(f"{prefix}.{k}".lstrip("."), v)
     return cls(**kwargs)
 
 
@@ -365,6 +382,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_differences(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """``key old -> new`` for every dotted key whose value differs between two config trees.
+
+    Args:
+        before, after: trees as :func:`to_dict` gives them (lists, not tuples).
+
+    Returns:
+        One entry per differing key, in ``after``'s order, values shortened; ``(absent)`` for a
+        key one tree lacks.
+    """
+    old, new = flatten(before), flatten(after)
+    missing = "(absent)"
+    return [f"{key} {shown(old[key]) if key in old else missing} -> {shown(new[key]) if key in new else missing}"
+            for key in dict.fromkeys([*new, *old]) if old.get(key, missing) != new.get(key, missing)]
+
+
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in update.items():
@@ -372,8 +405,11 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only ``true``/``false``, so ``mixed_precision: no`` stays the string ``"no"``."""
+class _Loader(BoundedLoader):
+    """YAML 1.2 booleans: only ``true``/``false``, so ``mixed_precision: no`` stays the string ``"no"``.
+
+    Aliases are bounded (:mod:`cmgnet.yamlio`): a "billion laughs" file is refused, not expanded.
+    """
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -385,7 +421,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return load_yaml(text, _Loader)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -395,7 +431,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = _load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from err
+        detail = yaml_problem(err) if isinstance(err, yaml.YAMLError) else one_line(err)
+        raise ValueError(f"{path}: cannot read config: {detail}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config file must be a mapping, got {type(raw).__name__}")
     _relative_to_file(raw, path.parent)
@@ -427,14 +464,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ValueError(f"override {shown(item)} is not of the form key=value")
         node = tree
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r} conflicts with another override of {p!r}")
-        node[leaf] = _load_yaml(text) if text.strip() else ""
+                raise ValueError(f"override {shown(item)} conflicts with another override of {shown(p)}")
+        try:
+            node[leaf] = _load_yaml(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {shorten(key.strip())}: {yaml_problem(err)}") from err
     return tree
 
 
@@ -460,29 +500,37 @@ def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
 
     The ``model`` section is typed by ``arch`` through the model registry, and images are
     normalised with the encoder's own statistics unless ``data.mean`` / ``data.std`` are given.
+    Every numeric value is checked against its range (:mod:`cmgnet.train.config_ranges`).
+
+    Raises:
+        KeyError, TypeError, ValueError: an unknown key, a mistyped value;
+            :class:`~cmgnet.errors.UsageError` (a ``ValueError``): a value out of its range.
     """
     tree = dict(tree)
     arch = tree.get("arch", ExperimentConfig.arch)
     try:
         config_class = model_class(arch).config_class
     except (KeyError, TypeError) as err:
-        raise KeyError(f"arch: {err.args[0] if err.args else arch!r}") from None
+        raise KeyError(f"arch: {err.args[0] if err.args else shown(arch)}") from None
     model = tree.get("model", {})
     if not dataclasses.is_dataclass(model):
         if not isinstance(model, Mapping):
-            raise TypeError(f"model: expected a mapping of {config_class.__name__} fields, got {model!r}")
+            raise TypeError(f"model: expected a mapping of {config_class.__name__} fields, got {shown(model)}")
         model = from_dict(config_class, model, "model")
     tree["model"] = model
     data = tree.get("data", {})
     if isinstance(data, Mapping) and "mean" not in data and "std" not in data and hasattr(model, "encoder"):
         mean, std = encoder_normalization(model.encoder)
         tree["data"] = {**data, "mean": list(mean), "std": list(std)}
-    return from_dict(ExperimentConfig, tree)
+    cfg = from_dict(ExperimentConfig, tree)
+    check_experiment(cfg)
+    return cfg
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write ``cfg`` as YAML (loadable by :func:`load_config`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

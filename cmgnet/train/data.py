@@ -78,11 +78,12 @@ class DataModule:
         A split the dataset does not have is left out (evaluation skips it too).
 
         Raises:
-            DataError: the files that fail, each named (see ``cmgnet data check`` for all of them).
+            DataError: the files that fail, each named, and any mask without an image (see
+                ``cmgnet data check`` for all of them).
         """
         from cmgnet.data.errors import DataError
         from cmgnet.data.protocols import resolve_split
-        from cmgnet.data.validate import validate_records
+        from cmgnet.data.validate import orphan_masks, validate_records
 
         cfg = self.cfg
         records: dict[int, Any] = {}
@@ -94,6 +95,7 @@ class DataModule:
             records.update({id(s.record): s.record for s in samples})
         report = validate_records(list(records.values()), level=cfg.validate, max_pixels=cfg.max_pixels,
                                   workers=max(1, cfg.num_workers))
+        report.errors += orphan_masks(self.records)  # as `cmgnet data check` reports them
         report.raise_if_failed()
 
     def diagnoses(self, split: str) -> dict[str, str | None]:

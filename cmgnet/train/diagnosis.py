@@ -18,8 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from cmgnet.errors import load_safetensors
+from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, recorded_sha256
 
 CONFIG_NAME = "classifier.json"
 WEIGHTS_NAME = "classifier.safetensors"
@@ -101,24 +104,36 @@ class DiagnosisClassifier(nn.Module):
         return torch.tensor([index.get(d, IGNORE) if d else IGNORE for d in diagnoses], device=device)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``classifier.json`` + ``classifier.safetensors``."""
+        """Write ``classifier.safetensors`` + ``classifier.json`` (recording the weights' SHA-256).
+
+        Raises:
+            CheckpointError: a weight is NaN or inf (nothing is written).
+        """
         directory = Path(directory)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        check_finite(state, directory / WEIGHTS_NAME, "classifier weights (not saved)")
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"classes": self.classes, **self.options}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        config = {"classes": self.classes, **self.options, SHA256_KEY: file_sha256(directory / WEIGHTS_NAME)}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> DiagnosisClassifier:
-        """Rebuild a classifier written by :meth:`save` (JSON + safetensors: no unpickling)."""
+        """Rebuild a classifier written by :meth:`save` (JSON + safetensors: no unpickling).
+
+        Raises:
+            CheckpointError: the weights differ from their recorded SHA-256 or hold NaN/inf.
+        """
         directory = Path(directory)
         cfg = json.loads((directory / CONFIG_NAME).read_text())
-        options = {k: v for k, v in cfg.items() if k != "classes"}
+        options = {k: v for k, v in cfg.items() if k not in ("classes", SHA256_KEY)}
         if options.get("encoder", "scratch") != "scratch":
             options["encoder_weights"] = "none"  # the saved weights replace the ImageNet ones
         model = cls(cfg["classes"], **options)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        record = directory / CONFIG_NAME
+        model.load_state_dict(load_safetensors(directory / WEIGHTS_NAME, "classifier weights",
+                                               recorded_sha256(record), record))
         model.options["encoder_weights"] = cfg.get("encoder_weights", "none")
         return model
 

@@ -43,13 +43,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, broadcast_object_list, set_seed
 from torch import Tensor
 
-from cmgnet.errors import CheckpointError
+from cmgnet.errors import CheckpointError, NonFiniteError
 from cmgnet.inference import record_from_experiment
+from cmgnet.integrity import nonfinite_tensors
 from cmgnet.model import SegmentationModel, create_model
 from cmgnet.model.base import WEIGHTS_NAME
+from cmgnet.outputs import lock_on_main, writing
 
 from . import checkpoint as ckpt
-from .config import ExperimentConfig, flatten, save_config, to_dict
+from .config import ExperimentConfig, config_differences, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
 from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of, diagnosis_report
 from .ema import WeightEMA
@@ -64,6 +66,9 @@ BEST_DIR = "best"
 CLASSIFIER_DIR = "diagnosis"
 BEST_CLASSIFIER_DIR = "best-diagnosis"
 EMA_STATE = "ema"
+RESUMABLE_MODEL_KEYS = ("text_cache_dir", "modality_dropout", "freeze_encoder_bn", "encoder_weights")
+"""``model`` keys a resume may change: a cache path, training-time regularisers, the initialisation."""
+NONFINITE_WHAT = ("loss", "gradient norm", "diagnosis classifier's loss")
 
 
 @dataclass
@@ -83,6 +88,8 @@ class TrainState:
         elapsed_s: training wall time of earlier sessions of this run.
         world_size: processes the checkpoint was written with.
         history: one dict per finished epoch (loss, validation metrics, time).
+        nonfinite_steps: optimiser steps skipped in a row for a NaN/inf loss (see
+            ``train.max_nonfinite_steps``).
     """
 
     epoch: int = 0
@@ -96,6 +103,7 @@ class TrainState:
     elapsed_s: float = 0.0
     world_size: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_steps: int = 0
 
 
 @dataclass
@@ -199,6 +207,7 @@ class Trainer:
         self._stop = False
         self._pending_rng: dict[str, Any] | None = None
         self._window: list[float] = []
+        self._nonfinite: Tensor | None = None  # NaN/inf seen since the last optimiser step, per NONFINITE_WHAT
         self.run_tags = dict(run_tags or {})
 
     # ------------------------------------------------------------------ setup
@@ -218,6 +227,10 @@ class Trainer:
     def setup(self) -> None:
         """Seed, build model/optimiser/scheduler/loaders, resolve the run directory, resume."""
         cfg, acc = self.cfg, self.accelerator
+        self.run_dir = self._resolve_run_dir()
+        # First, before any checkpoint is read or pruned: a second run into this directory fails at once.
+        self._run_lock = lock_on_main(acc, self.run_dir, "run directory",
+                                      "wait for it to finish or set another logging.run_name")
         # Identical initial weights everywhere, then per-rank streams (modality dropout etc.).
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
         self.attention_backend = apply_attention_backend(cfg)
@@ -262,7 +275,6 @@ class Trainer:
                 raise ValueError("train.ema_decay is not supported under DeepSpeed: set it to 0")
             self.ema = WeightEMA(self._unwrapped(), cfg.train.ema_decay)
 
-        self.run_dir = self._resolve_run_dir()
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                                   self.is_main, acc.wait_for_everyone)
         resume_from = self._resume_path()
@@ -272,6 +284,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         acc.wait_for_everyone()
+
+    def release_run_dir(self) -> None:
+        """Let another process write the run directory (called when :meth:`fit` ends, however it ends)."""
+        lock, self._run_lock = getattr(self, "_run_lock", None), None
+        if lock is not None:
+            lock.release()
 
     def _build_classifier(self) -> DiagnosisClassifier | None:
         wanted = "predicted" in self.cfg.eval.text_regimes or self.cfg.data.text_regime_eval == "predicted"
@@ -354,19 +372,64 @@ class Trainer:
             if acc.scaler is not None:
                 ckpt.save_state(acc.scaler.state_dict(), directory, "scaler")
             (directory / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
+            save_config(self.cfg, directory / "experiment.yaml")  # what a resume is compared with
             if self.ema is not None:
                 ckpt.save_state(self.ema.state_dict(), directory, EMA_STATE)
         ckpt.save_state(ckpt.rng_state(), directory, f"rng-{acc.process_index}")
 
     def save_checkpoint(self) -> Path:
-        """Write a resumable checkpoint atomically (all processes must call this)."""
+        """Write a resumable checkpoint atomically (all processes must call this).
+
+        Raises:
+            NonFiniteError: a weight is NaN or inf (nothing is written).
+        """
+        self._refuse_nonfinite_weights("the checkpoint")
         self.state.elapsed_s = self._elapsed()
         path = self.checkpoints.save(f"step-{self.state.global_step:08d}", self._write_checkpoint)
         self.log(f"checkpoint {path}")
         return path
 
+    def _refuse_another_network(self, path: Path) -> None:
+        """Refuse a checkpoint of another network (``arch`` or a ``model`` key changed), naming the keys.
+
+        Without this a changed width ends in PyTorch's ``Error(s) in loading state_dict``, and a
+        changed head count (same shapes) would resume silently as another model. Keys that leave
+        the network's weights and function alone may change (:data:`RESUMABLE_MODEL_KEYS`).
+        """
+        import yaml
+
+        from cmgnet.model.base import CONFIG_NAME
+        from cmgnet.yamlio import load_yaml
+
+        saved = None
+        if (network := path / "model" / CONFIG_NAME).is_file():  # save_pretrained's record of the network
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                record = json.loads(network.read_text())
+                saved = {"arch": record["model"], "model": record["config"]}
+        elif (experiment := path / "experiment.yaml").is_file():  # DeepSpeed checkpoints have no model/
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+                tree = load_yaml(experiment.read_text())
+                saved = {"arch": tree["arch"], "model": tree["model"]}
+        if not isinstance(saved, dict) or not isinstance(saved["model"], dict):
+            return  # nothing to compare with: loading itself names what does not fit
+        current = {"arch": self.cfg.arch, "model": to_dict(self.cfg.model)}
+        # A key one side lacks is a field added or removed since (built with its default then).
+        compared = (saved["model"].keys() & current["model"].keys()) - set(RESUMABLE_MODEL_KEYS)
+        for side in (saved, current):
+            side["model"] = {k: v for k, v in side["model"].items() if k in compared}
+        if changes := config_differences(saved, current):
+            shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+            raise CheckpointError(f"the run's config differs from the checkpoint's: {shown} (resume with the "
+                                  "original config or start a new run_name)", path)
+
     def load_checkpoint(self, path: Path) -> None:
-        """Restore model, optimiser, scheduler, scaler, state; RNG is restored at the data position."""
+        """Restore model, optimiser, scheduler, scaler, state; RNG is restored at the data position.
+
+        Raises:
+            CheckpointError: the checkpoint holds another network (the differing keys named) or
+                a file that does not load.
+        """
+        self._refuse_another_network(path)
         acc = self.accelerator
         if self.is_deepspeed:
             acc.load_state(str(path / "deepspeed"))
@@ -400,7 +463,8 @@ class Trainer:
     def save_best(self, metrics: dict[str, Any]) -> Path:
         """Keep the current weights as ``<run>/best/`` (``save_pretrained`` layout + metrics.json)."""
         best = self.run_dir / BEST_DIR
-        with self._full_parameters():
+        # A full disk names the file; the previous best/ stays (written aside, then swapped in).
+        with self._full_parameters(), writing(self.run_dir / f".{BEST_DIR}.tmp", "the best weights"):
             if self.is_main:
                 tmp = self.run_dir / f".{BEST_DIR}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -437,7 +501,11 @@ class Trainer:
             A :class:`TrainResult`.
         """
         self._t0, self._elapsed_before = time.perf_counter(), 0.0
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            self.release_run_dir()
+            raise
         self._t0, self._elapsed_before = time.perf_counter(), self.state.elapsed_s
         status = "FAILED"  # any exception; Ctrl-C and SIGTERM: KILLED (never left RUNNING)
         try:
@@ -455,6 +523,7 @@ class Trainer:
             raise
         finally:
             self.tracker.end(status)
+            self.release_run_dir()
         best = self.run_dir / BEST_DIR
         return TrainResult(self.run_dir, best if best.exists() else None, self.state, results,
                            self.tracker.uri if self.tracker.reason is None and self.cfg.logging.mlflow else None,
@@ -543,7 +612,8 @@ class Trainer:
                 self.state.global_step += 1
                 step_loss = sum(self._window) / len(self._window)
                 self._window = []
-                self._epoch_losses.append(step_loss)
+                if math.isfinite(step_loss):  # a skipped step must not turn the epoch's mean into nan
+                    self._epoch_losses.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self.on_step_end(step_loss)
                 if self._stop:
@@ -566,29 +636,116 @@ class Trainer:
         with acc.accumulate(*models):
             logits = self.model(image, text=list(batch["text"]))
             loss = self.loss_fn(logits.float(), mask)
+            self._flag_nonfinite(loss, 0)
+            if self.is_deepspeed:  # DeepSpeed steps inside backward: a NaN must stop it before
+                self._skip_nonfinite_step(deepspeed=True)
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0:
                 self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None and acc.sync_gradients:
-                self.ema.update()
+                if self._grad_norm is not None and acc.scaler is None:  # fp16 loss scaling skips inf gradients itself
+                    self._flag_nonfinite(self._grad_norm, 1)
             if self.classifier is not None:
-                self._classifier_step(image, batch["image_id"])
+                self._classifier_backward(image, batch["image_id"])
+            if acc.sync_gradients and self._skip_nonfinite_step():
+                # Nothing of this window is applied: weights, moments, schedule and average stay as they were.
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.classifier is not None:
+                    self.cls_optimizer.zero_grad(set_to_none=True)
+                if acc.scaler is not None and cfg.optim.grad_clip > 0:
+                    acc.scaler.update()  # clipping unscaled the gradients: GradScaler needs its update (backs off)
+            else:
+                self.optimizer.step()
+                if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None and acc.sync_gradients:
+                    self.ema.update()
+                if self.classifier is not None:
+                    self.cls_optimizer.step()
+                    self.cls_optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def _classifier_step(self, image: Tensor, ids: list[str]) -> None:
+    def _classifier_backward(self, image: Tensor, ids: list[str]) -> None:
         self.classifier.train()
         unwrapped = self.accelerator.unwrap_model(self.classifier)
         target = unwrapped.targets([self.train_diagnoses.get(str(i)) for i in ids], image.device)
         logits = self.classifier(image).float()
         # All-unknown batches still run backward (zero loss) so DDP ranks stay in step.
         loss = unwrapped.loss(logits, target) if (target != IGNORE).any() else logits.sum() * 0.0
+        self._flag_nonfinite(loss, 2)
         self.accelerator.backward(loss)
-        self.cls_optimizer.step()
-        self.cls_optimizer.zero_grad(set_to_none=True)
+
+    def _flag_nonfinite(self, value: Tensor, slot: int) -> None:
+        """Note a NaN/inf loss or gradient norm (on the device, no sync) for the next step's decision."""
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros(len(NONFINITE_WHAT), device=self.accelerator.device)
+        value = torch.as_tensor(value).detach().to(self._nonfinite.device)
+        self._nonfinite[slot] += (~torch.isfinite(value)).any().float()
+
+    def _skip_nonfinite_step(self, deepspeed: bool = False) -> bool:
+        """Whether any rank saw a NaN/inf since the last optimiser step (the same answer on every rank).
+
+        Counts such steps in a row (``state.nonfinite_steps``).
+
+        Args:
+            deepspeed: called before DeepSpeed's backward, which cannot skip a step: stop at once.
+
+        Raises:
+            NonFiniteError: more than ``train.max_nonfinite_steps`` in a row; names the step and epoch.
+        """
+        flags = self._nonfinite if self._nonfinite is not None else torch.zeros(len(NONFINITE_WHAT),
+                                                                              device=self.accelerator.device)
+        self._nonfinite = None
+        flags = self.accelerator.reduce(flags, reduction="sum").tolist()  # DDP: all ranks skip together
+        if not any(flags):
+            self.state.nonfinite_steps = 0
+            return False
+        self.state.nonfinite_steps += 1
+        if flags[0]:  # a NaN loss makes the gradient norm NaN too: name the cause only
+            flags[1] = 0
+        names = [name for name, flag in zip(NONFINITE_WHAT, flags) if flag]
+        what = f"the {' and the '.join(names)} {'were' if len(names) > 1 else 'was'} NaN or inf"
+        where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
+        limit = 0 if deepspeed else self.cfg.train.max_nonfinite_steps
+        if self.state.nonfinite_steps <= limit:
+            self.log(f"warning: {where}: {what}; step skipped ({self.state.nonfinite_steps} in a row, "
+                     f"train.max_nonfinite_steps={limit})")
+            return True
+        why = ("under DeepSpeed, which cannot skip a step" if deepspeed else
+               f"on {self.state.nonfinite_steps} optimiser step(s) in a row (train.max_nonfinite_steps={limit})")
+        raise NonFiniteError(f"training stopped at {where}: {what} {why}; none was applied and nothing non-finite "
+                             f"was saved, {self._kept()}; {self._nonfinite_advice()}", self.run_dir)
+
+    def _nonfinite_advice(self) -> str:
+        return "lower optim.lr" + (" or set optim.grad_clip" if self.cfg.optim.grad_clip <= 0 else "")
+
+    def _kept(self) -> str:
+        """What a stopped run leaves: its last checkpoint and best weights, for messages."""
+        latest = self.checkpoints.latest()
+        kept = [f"checkpoints/{latest.name}"] if latest is not None else []
+        kept += [f"{BEST_DIR}/"] if (self.run_dir / BEST_DIR).is_dir() else []
+        return f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} kept" if kept else "no checkpoint was written"
+
+    def _refuse_nonfinite_weights(self, saving: str) -> None:
+        """Raise instead of saving NaN/inf weights (network, classifier, average); every rank calls this.
+
+        Raises:
+            NonFiniteError: a weight is NaN or inf on any rank; names the step and epoch.
+        """
+        tensors: dict[str, Tensor] = dict(self._unwrapped().saved_state_dict())
+        if self.classifier is not None:
+            classifier = self.accelerator.unwrap_model(self.classifier)
+            tensors |= {f"{CLASSIFIER_DIR}.{k}": v for k, v in classifier.state_dict().items()}
+        if self.ema is not None:
+            tensors |= {f"{EMA_STATE}.{k}": v for k, v in self.ema.shadow.items()}
+        bad = nonfinite_tensors(tensors)
+        count = self.accelerator.reduce(torch.tensor([float(len(bad))], device=self.accelerator.device), "sum")
+        if float(count.sum()) == 0:
+            return
+        name = repr(bad[0]) if bad else "on another process"
+        raise NonFiniteError(f"training stopped at step {self.state.global_step} (epoch {self.state.epoch + 1}): "
+                             f"weight {name} is NaN or inf, so {saving} was not saved; {self._kept()}; "
+                             f"{self._nonfinite_advice()}", self.run_dir)
 
     def on_step_end(self, loss: float) -> None:
         """After each optimiser step: step metrics, step checkpoints, stop conditions."""
@@ -648,7 +805,8 @@ class Trainer:
             result = self.evaluate(self.cfg.eval.val_split, regime, with_hd95=False)
             metrics = {f"val_{k}": v for k, v in result.summary["per_image_mean"].items() if k != "hd95_undefined"}
             dice = metrics["val_dice"]
-            if dice > self.state.best_metric:
+            if math.isfinite(dice) and dice > self.state.best_metric:
+                self._refuse_nonfinite_weights(f"{BEST_DIR}/")
                 self.state.best_metric, self.state.best_epoch = dice, epoch
                 best = self.save_best({"epoch": epoch + 1, "step": self.state.global_step, "split": result.split,
                                        "text_regime": regime, "convention": "per_image_mean",
@@ -677,7 +835,8 @@ class Trainer:
         if not report:
             return {}
         score = report["balanced_accuracy"]
-        if score > self.state.best_diagnosis_metric:
+        if math.isfinite(score) and score > self.state.best_diagnosis_metric:
+            self._refuse_nonfinite_weights(f"{BEST_CLASSIFIER_DIR}/")
             self.state.best_diagnosis_metric, self.state.best_diagnosis_epoch = score, epoch
             if self.is_main:
                 classifier = self.accelerator.unwrap_model(self.classifier)
@@ -685,7 +844,8 @@ class Trainer:
                     if target.parent.is_dir():
                         tmp = target.with_name(f".{target.name}.tmp")
                         shutil.rmtree(tmp, ignore_errors=True)
-                        classifier.save(tmp)
+                        with writing(tmp, "the diagnosis classifier"):
+                            classifier.save(tmp)
                         ckpt.replace_dir(tmp, target)
             self.accelerator.wait_for_everyone()
         return {"val_diagnosis_accuracy": report["accuracy"], "val_diagnosis_balanced_accuracy": score}

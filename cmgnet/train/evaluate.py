@@ -24,10 +24,12 @@ from accelerate.utils import gather_object
 from PIL import Image
 from torch import nn
 
+from cmgnet.data.csvfiles import spreadsheet_safe
 from cmgnet.metrics import CONVENTIONS, COUNT_KEYS, EMPTY_CONVENTION, METRICS, per_image_rows, summarize
 
 from cmgnet.model.postprocess import clean_masks
 from cmgnet.model.tta import flip_tta
+from cmgnet.outputs import writing
 
 from .config import ExperimentConfig
 from .data import LoaderSource
@@ -179,7 +181,9 @@ def predict_rows(
         for i in range(min(len(ids), per_rank - written)):
             picture = overlay(denormalize(batch["image"][i], mean, std), pred[i, 0].cpu().numpy(),
                               target[i, 0].cpu().numpy())
-            Image.fromarray(picture).save(Path(overlay_dir) / f"{ids[i].replace('/', '_')}.png")
+            png = Path(overlay_dir) / f"{ids[i].replace('/', '_')}.png"
+            with writing(png):
+                Image.fromarray(picture).save(png)
             written += 1
     for _ in range(max(0, pad_to - (n_batches or 0))):
         if last is not None:  # a discarded forward keeps ZeRO-3 collectives in step
@@ -238,8 +242,19 @@ def write_result(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=[*columns, "split", "text_regime"], extrasaction="ignore")
         writer.writeheader()
         for row in sorted(result.rows, key=lambda r: r["image_id"]):
-            writer.writerow({**row, "split": result.split, "text_regime": result.text_regime})
+            # Image ids come from file names: inert in a spreadsheet (metrics stay numbers).
+            writer.writerow(spreadsheet_safe({**row, "split": result.split, "text_regime": result.text_regime},
+                                             ("image_id",)))
     return {"json": json_path, "csv": csv_path}
+
+
+def existing_evaluation(out: str | Path) -> list[Path]:
+    """Files of an earlier evaluation in ``out``: ``summary.json`` and each ``<split>-<regime>/``'s
+    ``metrics.json``, ``per_image.csv`` and overlays."""
+    out = Path(out)
+    found = [out / "summary.json"] if (out / "summary.json").is_file() else []
+    return found + sorted(p for pattern in ("*/metrics.json", "*/per_image.csv", "*/overlays/*.png")
+                          for p in out.glob(pattern) if p.is_file())
 
 
 def build_result(rows: list[dict[str, Any]], split: str, text_regime: str, with_hd95: bool,
@@ -358,9 +373,11 @@ class Evaluator:
                                        overlay_dir=out / "overlays" if out else None, **info)
                 results.append(result)
                 if main and out is not None:
-                    write_result(result, out)
+                    with writing(out, "the evaluation"):
+                        write_result(result, out)
         if main and out_root is not None and results:
             summary = {r.label: r.to_json() for r in results}
-            (out_root / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
+            with writing(out_root / "summary.json"):
+                (out_root / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
         self.accelerator.wait_for_everyone()
         return results

@@ -18,7 +18,7 @@ uint8, 0/1), ``lesion_fraction`` and the ``sentence`` used.
 
 from __future__ import annotations
 
-import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -28,19 +28,19 @@ def decode(value) -> np.ndarray:  # noqa: ANN001 - bytes, base64 text or an arra
     """One ``image`` cell as ``H x W x 3`` uint8 RGB."""
     import base64
 
-    from PIL import Image
-
     from cmgnet.data.errors import DataError
+    from cmgnet.data.imageio import decode_image
 
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
         return value[..., :3]
     if isinstance(value, str):  # JSON serving sends binary columns base64-encoded
         value = base64.b64decode(value)
     try:
-        return np.array(Image.open(io.BytesIO(bytes(value))).convert("RGB"))
-    except (OSError, ValueError, TypeError) as err:
-        raise DataError(f"image {len(bytes(value)) if isinstance(value, bytes) else ''} bytes: not a readable image "
-                        f"({err.__class__.__name__})") from None
+        data = np.frombuffer(bytes(value), dtype=np.uint8)
+    except TypeError as err:
+        raise DataError(f"image cell: not image bytes ({err.__class__.__name__})") from None
+    # The files' rule (cmgnet predict's): EXIF orientation applied, every pixel mode converted or refused.
+    return decode_image(data, Path(f"image of {data.size} bytes"))
 
 
 class CMGNetPyfunc(mlflow.pyfunc.PythonModel):

@@ -411,6 +411,7 @@ def run_variants(
         ValueError: duplicate keys, or a record written with another config for the same run.
     """
     from cmgnet.metrics import CONVENTIONS
+    from cmgnet.outputs import lock_on_main
 
     from .config import to_dict
     from .data import DataModule
@@ -433,6 +434,8 @@ def run_variants(
     main = accelerator.is_main_process
     data = DataModule(cfg.data, accelerator.process_index, accelerator.num_processes, cfg.train.seed)
     budget = budget_text(cfg, budget_minutes)
+    # A second study with this run name fails here, at once (each variant's run directory is locked too).
+    lock = lock_on_main(accelerator, out, f"{kind} folder", "wait for it to finish or set another logging.run_name")
     parent = ParentRun(cfg.logging, f"{base}-{kind}", out / "mlflow_parent.json", enabled=main)
     parent.start({"kind": kind, "variants": ",".join(keys), "split": split, "text_regimes": ",".join(regimes),
                   "budget": budget, "data.root": cfg.data.root, "data.protocol": cfg.data.protocol,
@@ -519,6 +522,8 @@ def run_variants(
             parent.log_artifact(json_path)
             parent.log_artifact(md_path)
         parent.end(status)
+        if lock is not None:
+            lock.release()
     if main and rows:
         print("\n" + md_path.read_text() + f"\nwritten to {json_path} and {md_path}")
     accelerator.wait_for_everyone()

@@ -99,7 +99,8 @@ def _graph(source: Iterable, spec: TransformSpec, device: str):  # type: ignore[
     )
     inputs = dict(zip(names, nodes))  # noqa: B905 (DALI's AutoGraph zip takes no strict=)
     decoder = "mixed" if device == "gpu" else "cpu"
-    # Raw pixel order, as PIL and the annotators' masks have it: no EXIF rotation.
+    # Every file here is upright 8-bit RGB/grey: the loader hands EXIF-rotated and other
+    # converted files over already decoded by cmgnet.data.imageio.to_array (re-encoded as PNG).
     image = fn.decoders.image(inputs["image_bytes"], device=decoder, output_type=types.RGB, adjust_orientation=False)
     mask = fn.decoders.image(inputs["mask_bytes"], device=decoder, output_type=types.GRAY, adjust_orientation=False)
     if inputs["resize"]:  # data often comes pre-resized; resampling S x S to S x S is a costly no-op
