@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cmgnet.train.precision import cpu_capability
 from cmgnet.train.variants import cpu_name
 
 
@@ -18,6 +19,7 @@ def hardware() -> dict:
     """Name the machine a number was measured on."""
     info = {
         "cpu": cpu_name(),
+        "cpu_capability": cpu_capability(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -89,5 +91,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 def write_json(path: str | Path, rows: list[dict], **extra: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Every row names the kernels it ran on: AVX2 and AVX-512 machines differ by up to 8x.
+    capability = cpu_capability()
+    rows = [{**row, "cpu_capability": row.get("cpu_capability", capability)} for row in rows]
     path.write_text(json.dumps({"hardware": hardware(), **extra, "results": rows}, indent=2) + "\n")
     print(f"wrote {path}")

@@ -26,6 +26,7 @@ from common import cost_variants, hardware, print_table, scaled_config, time_fn,
 from cmgnet.model import CMGNet, create_model  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
 from cmgnet.train.config import LossConfig, OptimConfig, load_config  # noqa: E402
+from cmgnet.train import precision  # noqa: E402
 from cmgnet.train.losses import build_loss  # noqa: E402
 from cmgnet.train.optim import build_optimizer  # noqa: E402
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[8, 16], help="U-Net base widths")
     parser.add_argument("--size", type=int, default=128, help="input height and width")
     parser.add_argument("--batch", type=int, default=16, help="images per step")
-    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no", help="Accelerate mixed precision")
+    parser.add_argument("--precision", choices=list(precision.CHOICES), default="no",
+                        help="mixed precision as train.mixed_precision takes it (auto: bf16 only where native)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs (train.channels_last)")
     parser.add_argument("--config", default=None,
                         help="time this experiment config's model at its image size and batch (a shipped name or YAML)")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.precision)
+    chosen = precision.resolve(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision=chosen.mixed_precision)
     device = accelerator.device
     cuda = device.type == "cuda"
     if args.config:
@@ -80,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         median = statistics.median(times)
         rows.append({
             "model": name, "base_width": width, "size": args.size, "batch": args.batch,
-            "precision": args.precision, "channels_last": args.channels_last, "step_ms": round(1000 * median, 1),
+            "precision": chosen.name, "channels_last": args.channels_last, "step_ms": round(1000 * median, 1),
             "images_per_s": round(args.batch / median, 1),
         })
         print_table(rows[-1:], list(rows[-1]))
     print()
-    print(f"training step throughput on {device}, {hardware()}")
-    write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision,
+    print(f"training step throughput on {device}, {hardware()}; precision {chosen.name} ({chosen.reason})")
+    write_json(args.out, rows, size=args.size, batch=args.batch, precision=args.precision, precision_reason=chosen.reason,
                channels_last=args.channels_last, config=args.config)
 
 

@@ -86,7 +86,8 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: 
 
 def _precision(train: dict) -> str:
     mixed = train.get("mixed_precision", "no")
-    text = "fp32" if mixed == "no" else f"{mixed} autocast"
+    text = {"no": "fp32", "auto": "auto precision (bf16 autocast on a CPU with native bf16, else fp32)"}.get(
+        mixed, f"{mixed} autocast")
     return text + (", channels-last" if train.get("channels_last") else "")
 
 

@@ -52,6 +52,7 @@ def test_run_logs_params_metrics_artifacts_and_model(data_root, tmp_path):
     params = run.data.params
     assert params["data.metadata"] == "null" and params["train.deterministic"] == "false"
     assert params["runtime.distributed_type"] == "NO" and params["runtime.setup"] == "1 process on cpu, fp32"
+    assert params["runtime.precision_reason"] == "train.mixed_precision=no"
     assert json.loads(params["eval.text_regimes"]) == ["none", "oracle"]
     assert not [k for k, v in params.items() if v in ("None", "True", "False") or "DistributedType" in v]
 

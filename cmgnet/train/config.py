@@ -99,9 +99,12 @@ class TrainConfig:
         batch_size: images per process and micro-step; the global batch is
             ``batch_size * grad_accum * num_processes``.
         grad_accum: micro-steps per optimiser step.
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (loss scaling); an ``accelerate
-            launch --mixed_precision`` flag takes precedence. On a CPU with AVX512-BF16 (e.g.
-            AMD Zen 4), ``bf16`` makes a pretrained-recipe step 1.5x faster (README, Training).
+        mixed_precision: ``"auto"``, ``"no"``, ``"bf16"`` or ``"fp16"`` (loss scaling); an
+            ``accelerate launch --mixed_precision`` flag takes precedence. ``auto`` (the CPU
+            recipes') takes bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs,
+            Ampere+ GPUs; 1.5x faster for the pretrained recipe on AMD Zen 4), fp32 on other
+            CPUs (emulated bf16 is 15-50x slower) and fp16 on older GPUs
+            (:mod:`cmgnet.train.precision`).
         channels_last: keep the networks' weights and activations NHWC, the layout oneDNN
             and cuDNN convolutions prefer (faster on CPU, and with tensor cores).
         seed: seeds Python, NumPy and torch (model init is identical on every rank; per-rank

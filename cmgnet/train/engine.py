@@ -51,6 +51,7 @@ from cmgnet.model.base import WEIGHTS_NAME
 from cmgnet.outputs import lock_on_main, writing
 
 from . import checkpoint as ckpt
+from . import precision
 from .config import ExperimentConfig, config_differences, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
 from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of, diagnosis_report
@@ -127,17 +128,11 @@ class TrainResult:
     mlflow_run_id: str | None
 
 
-def resolve_mixed_precision(configured: str) -> str:
-    """The config's precision, unless ``accelerate launch`` asked for one explicitly."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    choice = launched if launched != "no" else configured
-    if choice not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {choice!r}")
-    return choice
+def describe_setup(accelerator: Accelerator, why: str = "") -> str:
+    """The process setup in words, e.g. ``"1 process on cpu, fp32"``, ``"8 processes on cuda (DeepSpeed ZeRO-2), bf16"``.
 
-
-def describe_setup(accelerator: Accelerator) -> str:
-    """The process setup in words, e.g. ``"1 process on cpu, fp32"``, ``"8 processes on cuda (DeepSpeed ZeRO-2), bf16"``."""
+    ``why`` (the precision's reason, :mod:`cmgnet.train.precision`) follows the precision in brackets.
+    """
     n = accelerator.num_processes
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
@@ -149,8 +144,9 @@ def describe_setup(accelerator: Accelerator) -> str:
         how = "FSDP"
     else:
         how = "" if kind == DistributedType.NO else kind.value
-    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    return f"{n} process{'es' if n != 1 else ''} on {accelerator.device.type}{f' ({how})' if how else ''}, {precision}"
+    dtype = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    return (f"{n} process{'es' if n != 1 else ''} on {accelerator.device.type}{f' ({how})' if how else ''}, {dtype}"
+            + (f" ({why})" if why else ""))
 
 
 def apply_attention_backend(cfg: ExperimentConfig) -> str:
@@ -160,6 +156,11 @@ def apply_attention_backend(cfg: ExperimentConfig) -> str:
     if cfg.train.attention_backend:
         kernels.set_backend(cfg.train.attention_backend)
     return kernels.get_backend()
+
+
+def resolve_precision(cfg: ExperimentConfig) -> precision.Precision:
+    """``train.mixed_precision`` resolved for the device this process trains on."""
+    return precision.resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
@@ -173,7 +174,7 @@ def build_accelerator(cfg: ExperimentConfig) -> Accelerator:
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
         cpu=cpu_ddp,
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=resolve_precision(cfg).mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum, sync_with_dataloader=False, adjust_scheduler=False
         ),
@@ -201,6 +202,7 @@ class Trainer:
                              "metadata or none and evaluate with predicted")
         self.cfg = cfg
         self.accelerator = accelerator or build_accelerator(cfg)
+        self.precision = resolve_precision(cfg)
         self.data = data
         self.state = TrainState(world_size=self.accelerator.num_processes)
         self.tracker = Tracker(cfg.logging, enabled=self.accelerator.is_main_process)
@@ -538,6 +540,7 @@ class Trainer:
                        "runtime.num_processes": acc.num_processes,
                        "runtime.distributed_type": acc.distributed_type.value,
                        "runtime.mixed_precision": acc.mixed_precision,
+                       "runtime.precision_reason": self.precision.reason,
                        "runtime.setup": describe_setup(acc),
                        "runtime.attention_backend": self.attention_backend,
                        "runtime.global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes})
@@ -550,7 +553,7 @@ class Trainer:
         if new_run:
             self._log_dataset()
         self.log(f"run {self.run_dir}  |  {cfg.arch} {unwrapped.num_parameters(trainable_only=True) / 1e6:.2f}M "
-                 f"trainable params  |  {describe_setup(acc)}  |  {self.steps_per_epoch} steps/epoch x "
+                 f"trainable params  |  {describe_setup(acc, self.precision.reason)}  |  {self.steps_per_epoch} steps/epoch x "
                  f"{cfg.train.epochs} epochs, global batch "
                  f"{params['runtime.global_batch']}  |  text: train {cfg.data.text_regime_train}, "
                  f"eval {cfg.data.text_regime_eval}")

@@ -415,7 +415,7 @@ def run_variants(
 
     from .config import to_dict
     from .data import DataModule
-    from .engine import Trainer, build_accelerator
+    from .engine import Trainer, build_accelerator, describe_setup, resolve_precision
     from .tracking import git_info
 
     keys = [v.key for v in variants]
@@ -510,7 +510,7 @@ def run_variants(
                   "recipe": f"{cfg.optim.name} lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
                             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_epochs:g} warm-up epochs, "
                             f"loss {cfg.loss.dice_weight:g} Dice + {cfg.loss.bce_weight:g} BCE, seed {cfg.train.seed}, "
-                            f"{cfg.train.mixed_precision} mixed precision",
+                            f"{describe_setup(accelerator, resolve_precision(cfg).reason)}",
                   "conventions": CONVENTIONS, "rows": rows}
         if len(regimes) == 1:
             report["text_regime"] = regimes[0]
