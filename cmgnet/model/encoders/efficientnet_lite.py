@@ -34,6 +34,31 @@ _WEIGHTS = {
 _BUILD_SIZE = 224
 
 
+def _fold_same_padding(module: nn.Module) -> int:
+    """Give every stride-1 "SAME" convolution its padding as the conv's own, in place; return how many.
+
+    The package pads with a separate ``ZeroPad2d`` before a ``padding=0`` conv: a copy of the
+    activation forward and a slice of its gradient backward, for 12 of Lite0's 16 depthwise
+    convs. At stride 1 the pad is symmetric, so the conv's own zero padding computes the same
+    values (tested). Stride-2 pads are asymmetric and stay. Weight names are unchanged.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            pad = getattr(child, "static_padding", None)
+            if not (isinstance(child, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and tuple(child.stride) == (1, 1)):
+                continue
+            left, right, top, bottom = pad.padding
+            if (left, top) != (right, bottom):
+                continue
+            conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, padding=(top, left),
+                             dilation=child.dilation, groups=child.groups, bias=child.bias is not None)
+            conv.load_state_dict(child.state_dict())
+            setattr(parent, name, conv)
+            folded += 1
+    return folded
+
+
 def _stride(block) -> int:
     s = block._block_args.stride
     return int(s[0] if isinstance(s, (list, tuple)) else s)
@@ -94,6 +119,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.name = name
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = net._blocks
+        _fold_same_padding(self.blocks)
         self.drop_path_rate = drop_path_rate
         # The last block before each stride change, and the last block.
         strides = [_stride(b) for b in self.blocks]
