@@ -87,11 +87,45 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
     """The deploy exporter's path: ONNX checker, then ONNX Runtime vs PyTorch at batches 1 and 2."""
     pytest.importorskip("onnxruntime")
     from cmgnet.deploy.export import export_onnx, verify_onnx
-    from cmgnet.deploy.spec import spec_for_model
+    from cmgnet.inference import record_for_model
 
     net = tiny(name).eval()
-    spec = spec_for_model(net, image_size=SIZE)
+    spec = record_for_model(net, image_size=SIZE)
     assert spec.input_names == (("image", "text_features", "text_mask") if has_text(net) else ("image",))
     path = export_onnx(net, spec, tmp_path / "model.onnx", dynamic_size=False)  # dynamic batch; fixed size is faster
     parity = verify_onnx(path, net, spec, batch_sizes=(1, 2))
     assert all(p.ok for p in parity)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_batchnorm_folding_keeps_eval_outputs(name):
+    # Eager CPU inference folds eval-mode BatchNorm into convs (cmgnet.model.fold).
+    import copy
+
+    from cmgnet.model.fold import fold_batchnorm
+
+    net = tiny(name)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    folded = copy.deepcopy(net)
+    count = fold_batchnorm(folded)
+    assert count <= sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    if name in ("cmgnet", "unet"):  # their DoubleConv stages fold (MONAI's blocks nest BN: left as is)
+        assert count > 0
+    x = torch.randn(2, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, text=SENTENCES), net(x, text=SENTENCES), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net.train())
+
+
+def test_batchnorm_folding_covers_every_efficientnet_lite_block():
+    from cmgnet.model.fold import fold_batchnorm
+
+    net = create_model("cmgnet", **{**TINY, "encoder": "efficientnet-lite0", "encoder_weights": "none"}).eval()
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.encoder.modules())
+    assert fold_batchnorm(net.encoder) == bns  # the stem and every MBConv block's three

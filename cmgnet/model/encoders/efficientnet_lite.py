@@ -112,6 +112,7 @@ class EfficientNetLiteEncoder(Encoder):
             raise ValueError(f"{name}: ImageNet weights need in_channels=3, got {in_channels}")
         from efficientnet_lite_pytorch import EfficientNet
 
+        _register_folding()
         net = EfficientNet.from_name(name, image_size=_BUILD_SIZE, in_channels=in_channels)
         if weights:
             state = torch.load(imagenet_weights_path(name), map_location="cpu", weights_only=True)
@@ -134,6 +135,15 @@ class EfficientNetLiteEncoder(Encoder):
             if i in self.taps:
                 feats.append(x)
         return feats
+
+
+def _register_folding() -> None:
+    """MBConv blocks call each conv straight into its BatchNorm (cmgnet.model.fold)."""
+    from efficientnet_lite_pytorch.model import MBConvBlock
+
+    from ..fold import register_conv_bn_pairs
+
+    register_conv_bn_pairs(MBConvBlock, (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")))
 
 
 def _factory(name: str):
