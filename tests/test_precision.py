@@ -113,3 +113,23 @@ def test_benchmark_rows_name_the_cpu_capability(tmp_path, cpu, monkeypatch):
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["results"] == [{"step_ms": 1.0, "cpu_capability": "AVX2, emulated bf16"}]
     assert written["hardware"]["cpu_capability"] == "AVX2, emulated bf16"
+
+
+def test_cpu_isa_runs_a_benchmark_under_both_kernel_sets(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bench = tmp_path / "bench.py"
+    bench.write_text("import json, sys, torch\n"
+                     "out = sys.argv[sys.argv.index('--out') + 1]\n"
+                     "json.dump({'hardware': {}, 'results': [{'seen': torch.backends.cpu.get_cpu_capability()}]}, "
+                     "open(out, 'w'))\n")
+    out = tmp_path / "merged.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_isa.py"), "--repeats", "1", "--out", str(out),
+                    "--", str(bench)], check=True, timeout=120, capture_output=True)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["kernels"] for r in rows] == ["native", "avx2"]
+    assert rows[1]["seen"] == "AVX2"
