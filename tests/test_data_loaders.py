@@ -164,6 +164,16 @@ def test_torch_loader_with_worker_processes(isic):
     assert [len(b["image_id"]) for _ in range(2) for b in data] == [5, 5, 5, 5]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_torch_loader_leaves_the_global_rng_alone(isic, workers):
+    """Worker seeds come from the loader's own generator: a resumed run, whose persistent workers
+    start at another point of the run, must still draw the same modality-dropout numbers."""
+    data = build_loader(config(isic, "torch", num_workers=workers), "train", 5, train=True)
+    before = torch.get_rng_state()
+    assert len([b for _ in range(2) for b in data]) == 4
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_synthetic_generator_is_deterministic(tmp_path):
     a = generate_dataset(tmp_path / "a", 3, 1, 1, size=32, seed=4)
     b = generate_dataset(tmp_path / "b", 3, 1, 1, size=32, seed=4)
