@@ -5,8 +5,8 @@
 * CUDA: bf16 on GPUs that support it (Ampere and newer), fp16 with loss scaling before that;
 * CPU: bf16 where ATen dispatches AVX-512 kernels and the CPU has AVX512-BF16 or AMX, fp32
   elsewhere. Without those instructions oneDNN and ATen emulate bf16 in software: a CMG-Net
-  training step measured 15x slower than fp32 with AVX2 kernels on the project's EPYC, and
-  over 50x on a CPU that has only AVX2 (README, Training).
+  training step (batch 16, 256 px) measured 10x slower than fp32 with AVX2 kernels on the
+  project's EPYC, and over 50x was reported on a CPU that has only AVX2 (README, Training).
 
 An explicit ``bf16`` is obeyed everywhere; on a CPU without native bf16 it warns once.
 ``accelerate launch --mixed_precision`` still takes precedence over the config.
@@ -97,5 +97,5 @@ def warn_emulated_bf16(seen: str) -> None:
     if not _warned:
         _warned = True
         logger.warning("mixed_precision=bf16 on a CPU without native bf16 (%s): it is emulated in software, "
-                       "15-50x slower than fp32 as measured (README, Training); set train.mixed_precision=auto "
+                       "10-50x slower than fp32 as measured (README, Training); set train.mixed_precision=auto "
                        "or no", seen)
