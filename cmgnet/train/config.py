@@ -103,7 +103,7 @@ class TrainConfig:
             ``accelerate launch --mixed_precision`` flag takes precedence. ``auto`` (the CPU
             recipes') takes bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs,
             Ampere+ GPUs; 1.5x faster for the pretrained recipe on AMD Zen 4), fp32 on other
-            CPUs (emulated bf16 is 15-50x slower) and fp16 on older GPUs
+            CPUs (emulated bf16 is 10-50x slower) and fp16 on older GPUs
             (:mod:`cmgnet.train.precision`).
         channels_last: keep the networks' weights and activations NHWC, the layout oneDNN
             and cuDNN convolutions prefer (faster on CPU, and with tensor cores).
