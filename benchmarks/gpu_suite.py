@@ -1020,9 +1020,9 @@ def stage_latency(ctx: Context, rec: Recorder) -> None:
     if importlib.util.find_spec("torch_tensorrt") is None:
         rec.skip("torch-tensorrt", "torch-tensorrt is not installed")
     elif exported is not None:
-        from cmgnet.deploy.spec import DeploySpec
+        from cmgnet.inference import InferenceRecord
 
-        deploy_spec = DeploySpec.load(exported / "deploy.json")
+        deploy_spec = InferenceRecord.load(exported)
         for batch in batches:
             record("torch-tensorrt", batch, lambda n=batch: lat.make_runner(
                 "torch-tensorrt", model, inputs[n], device, exported, deploy_spec, None, max(batches)), 120.0)

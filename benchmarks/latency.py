@@ -44,9 +44,9 @@ from cmgnet.deploy import export_bundle  # noqa: E402
 from cmgnet.deploy.errors import BackendUnavailableError, DeployError  # noqa: E402
 from cmgnet.deploy.quantize import quantize_onnx  # noqa: E402
 from cmgnet.deploy.runtime import Runner, TorchRunner, onnxruntime_session  # noqa: E402
-from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME, DeploySpec  # noqa: E402
+from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
-from cmgnet.inference import resolve  # noqa: E402
+from cmgnet.inference import InferenceRecord, image_hw, resolve  # noqa: E402
 from cmgnet.model import CMGNet, SegmentationModel  # noqa: E402
 from cmgnet.text.pseudo_text import TEMPLATES  # noqa: E402
 
@@ -133,7 +133,7 @@ def tensorrt_runner(bundle: Path, inputs: Inputs, max_batch: int) -> Callable[[]
     return _call(TensorRTRunner(engine), inputs)
 
 
-def torch_tensorrt_runner(model: SegmentationModel, bundle: Path, spec: DeploySpec, inputs: Inputs,
+def torch_tensorrt_runner(model: SegmentationModel, bundle: Path, spec: InferenceRecord, inputs: Inputs,
                           max_batch: int) -> Callable[[], object]:
     from cmgnet.deploy.torch_trt import TorchTensorRTRunner, compile_torch_tensorrt
 
@@ -144,7 +144,7 @@ def torch_tensorrt_runner(model: SegmentationModel, bundle: Path, spec: DeploySp
 
 
 def make_runner(
-    backend: str, model: SegmentationModel, inputs: Inputs, device: str, bundle: Path, spec: DeploySpec | None,
+    backend: str, model: SegmentationModel, inputs: Inputs, device: str, bundle: Path, spec: InferenceRecord | None,
     threads: int | None, max_batch: int,
 ) -> Callable[[], object]:
     """A no-argument callable running one batch through ``backend``.
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
               else [(w, fresh_model(w, args.text_model)) for w in args.widths])
     record = models[0][1].inference if args.checkpoint else None
     if record is not None:  # time the model at the size it serves at (cmgnet.inference)
-        given = {"image_size": (args.size, args.size) if args.size else None}
+        given = {"image_size": image_hw(args.size) if args.size else None}
         args.size = resolve(record, given, Path(args.checkpoint) / "inference.json", args.force)["image_size"][0]
     args.size = args.size or 256
     rows, skipped = [], {}
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             bundle = Path(tmp) / f"w{width}"
             spec = None
             if any(b.startswith(("onnxruntime", "tensorrt")) for b in backends):
-                spec = export_bundle(model, bundle, image_size=args.size, verify_batches=()).spec
+                spec = export_bundle(model, bundle, image_size=args.size, verify_batches=()).record
             if "onnxruntime-int8" in backends:
                 calibration = [{n: t.numpy() for n, t in zip(spec.input_names, make_inputs(model, 1, args.size))}
                                for _ in range(8)]

@@ -23,8 +23,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ablate": ("train and evaluate the paper's ablation table", "cmgnet.train.cli", "ablate_main"),
     "compare": ("train and evaluate the baselines and CMG-Net under one recipe (paper tables 1-2)",
                 "cmgnet.train.compare", "compare_main"),
+    "compare-evals": ("paired difference of two evaluations of the same images, with its bootstrap 95% CI",
+                      "cmgnet.stats", "compare_evals_main"),
     "export": ("checkpoint -> ONNX bundle (+ int8, TensorRT engine)", "cmgnet.deploy.cli", "export_main"),
     "predict": ("images -> mask PNGs, overlays and a statistics CSV", "cmgnet.deploy.cli", "predict_main"),
+    "serve": ("serve a model with NVIDIA Triton Inference Server (HTTP, gRPC, dynamic batching)", "cmgnet.deploy.cli",
+              "serve_main"),
+    "infer-remote": ("images -> masks through a running server (tritonclient, HTTP or gRPC)", "cmgnet.deploy.cli",
+                     "infer_remote_main"),
     "configs": ("list the shipped experiment and Accelerate configs (cmgnet configs NAME: its path)",
                 "cmgnet.shipped", "configs_main"),
     "models": ("list the shipped trained models (cmgnet models NAME: its model card)", "cmgnet.shipped",
@@ -42,6 +48,7 @@ EXAMPLES = (
     "cmgnet export runs/demo/best --out exported/",
     "cmgnet predict exported/ images/ --out predictions/",
     "cmgnet predict isic-cmgnet-lite0 images/ --out masks/",
+    "cmgnet serve isic-cmgnet-lite0",
     "cmgnet <command> --help",
 )
 

@@ -1,4 +1,4 @@
-"""Binary segmentation metrics: Dice, IoU, precision, recall, F1, accuracy and HD95.
+"""Binary segmentation metrics: Dice, IoU, thresholded Jaccard, precision, recall, F1, accuracy and HD95.
 
 Every output names its aggregation convention (docs/design.md section 5):
 
@@ -17,6 +17,14 @@ percentile of the symmetric surface distances).
 For binary masks F1 equals Dice per image and pooled (2PR / (P + R) = 2TP / (2TP + FP + FN));
 it is reported because the paper does.
 
+Thresholded Jaccard is the ISIC 2017 challenge's ranking metric: each image's IoU, set to 0
+where it is below :data:`JACCARD_THRESHOLD` (0.65), then averaged over images. It is a
+per-image metric only (like HD95, it has no pooled form); its empty masks follow IoU's (both
+empty: 1, one empty: 0).
+
+Every per-image mean comes with a 95% percentile-bootstrap interval over images
+(:mod:`cmgnet.stats`, ``per_image_ci95``).
+
 Example:
     >>> pred = torch.zeros(1, 1, 4, 4, dtype=torch.bool); pred[..., :2, :2] = True
     >>> target = torch.zeros_like(pred); target[..., :2, :] = True
@@ -33,10 +41,15 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from cmgnet.stats import BOOTSTRAP, mean_ci
+
 RATIO_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "f1", "accuracy")
 """Metrics derived from the confusion counts (fractions in [0, 1])."""
 
-METRICS: tuple[str, ...] = (*RATIO_METRICS, "hd95")
+PER_IMAGE_ONLY: tuple[str, ...] = ("thresholded_jaccard", "hd95")
+"""Metrics without a pooled form (averaged over images only)."""
+METRICS: tuple[str, ...] = (*RATIO_METRICS, *PER_IMAGE_ONLY)
+JACCARD_THRESHOLD = 0.65
 COUNT_KEYS: tuple[str, ...] = ("tp", "fp", "fn", "tn")
 CONVENTIONS: dict[str, str] = {
     "per_image_mean": "metric computed per image, then averaged over images (ISIC convention)",
@@ -100,6 +113,19 @@ def scores(counts: Tensor) -> dict[str, Tensor]:
     }
 
 
+def thresholded_jaccard(iou: Tensor, threshold: float = JACCARD_THRESHOLD) -> Tensor:
+    """The ISIC 2017 challenge's per-image score: IoU where it reaches ``threshold``, else 0.
+
+    Args:
+        iou: per-image IoU (:func:`scores`).
+        threshold: the lowest IoU that counts.
+
+    Returns:
+        Tensor of ``iou``'s shape.
+    """
+    return torch.where(iou >= threshold, iou, torch.zeros_like(iou))
+
+
 def hd95(pred: Tensor, target: Tensor) -> Tensor:
     """95th-percentile symmetric Hausdorff distance per image, in pixels (MONAI).
 
@@ -140,13 +166,14 @@ def per_image_rows(
         with_hd95: compute HD95 (a distance transform per image; skip it for fast validation).
 
     Returns:
-        ``B`` dicts with keys ``image_id``, :data:`COUNT_KEYS`, :data:`RATIO_METRICS` and ``hd95``
-        (NaN when not computed or undefined).
+        ``B`` dicts with keys ``image_id``, :data:`COUNT_KEYS`, :data:`RATIO_METRICS`,
+        ``thresholded_jaccard`` and ``hd95`` (NaN when not computed or undefined).
     """
     if len(image_ids) != pred.shape[0]:
         raise ValueError(f"{len(image_ids)} image ids for a batch of {pred.shape[0]}")
     counts = confusion_counts(pred, target).cpu()
     ratio = scores(counts)
+    ratio["thresholded_jaccard"] = thresholded_jaccard(ratio["iou"])
     dist = hd95(pred, target) if with_hd95 else torch.full((pred.shape[0],), math.nan, dtype=torch.float64)
     rows = []
     for i, image_id in enumerate(image_ids):
@@ -166,8 +193,10 @@ def summarize(rows: Iterable[dict], with_hd95: bool = True) -> dict:
         with_hd95: include the HD95 mean (per-image convention only: HD95 does not pool).
 
     Returns:
-        ``{"n_images", "per_image_mean": {...}, "pooled": {...}, "conventions", "empty_masks"}``;
-        ``per_image_mean`` also has ``hd95`` and ``hd95_undefined`` (images excluded from it).
+        ``{"n_images", "per_image_mean": {...}, "per_image_ci95": {...}, "bootstrap", "pooled": {...},
+        "conventions", "empty_masks"}``; ``per_image_mean`` also has ``thresholded_jaccard``,
+        ``hd95`` and ``hd95_undefined`` (images excluded from it); ``per_image_ci95`` has the
+        ``[low, high]`` 95% bootstrap interval of every per-image mean (:mod:`cmgnet.stats`).
 
     Raises:
         ValueError: no rows, or an image id seen twice (a sharding bug would double-count).
@@ -179,16 +208,21 @@ def summarize(rows: Iterable[dict], with_hd95: bool = True) -> dict:
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"images counted more than once: {dup}")
+    rows.sort(key=lambda r: r["image_id"])  # intervals independent of the ranks' gather order
     counts = torch.tensor([[r[k] for k in COUNT_KEYS] for r in rows], dtype=torch.float64)
-    per_image = {k: float(torch.tensor([r[k] for r in rows], dtype=torch.float64).mean()) for k in RATIO_METRICS}
+    columns = {k: [float(r[k]) for r in rows] for k in (*RATIO_METRICS, "thresholded_jaccard")}
+    per_image = {k: float(torch.tensor(v, dtype=torch.float64).mean()) for k, v in columns.items()}
     if with_hd95:
         dists = [r["hd95"] for r in rows if not math.isnan(r["hd95"])]
         per_image["hd95"] = float(sum(dists) / len(dists)) if dists else math.nan
         per_image["hd95_undefined"] = len(rows) - len(dists)
+        columns["hd95"] = dists
     pooled = {k: float(v) for k, v in scores(counts.sum(0)).items()}
     return {
         "n_images": len(rows),
         "per_image_mean": per_image,
+        "per_image_ci95": mean_ci(columns),
+        "bootstrap": dict(BOOTSTRAP),
         "pooled": pooled,
         "conventions": CONVENTIONS,
         "empty_masks": EMPTY_CONVENTION,

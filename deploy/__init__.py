@@ -2,9 +2,12 @@
 
     from cmgnet.deploy import Segmenter, export_bundle
 
-    export_bundle(model, "exported/")                       # model.onnx + deploy.json + text cache
+    export_bundle(model, "exported/")                       # model.onnx + inference.json + text cache
     segmenter = Segmenter.load("exported/")                 # TensorRT engine if built, else ONNX Runtime
     [prediction] = segmenter.predict(["lesion.jpg"], "Skin lesion.")
+    prediction.mask, prediction.probability, prediction.statistics()
+
+The settings every backend serves with are one :class:`cmgnet.inference.InferenceRecord`.
 
 Command lines: ``cmgnet export`` (:mod:`cmgnet.deploy.export`) and ``cmgnet predict``
 (:mod:`cmgnet.deploy.predict`). TensorRT and torch-tensorrt are imported only when used.
@@ -19,23 +22,19 @@ from .errors import BackendUnavailableError, DeployError, EngineMismatchError
 if TYPE_CHECKING:
     from .export import export_bundle, export_onnx, verify_onnx
     from .runtime import Prediction, Segmenter
-    from .spec import DeploySpec, TextSpec
 
 # torch and ONNX load on first use, so `cmgnet export --help` / `cmgnet predict --help` stay fast.
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(("export_bundle", "export_onnx", "verify_onnx"), ".export"),
     **dict.fromkeys(("Prediction", "Segmenter"), ".runtime"),
-    **dict.fromkeys(("DeploySpec", "TextSpec"), ".spec"),
 })
 
 __all__ = [
     "BackendUnavailableError",
     "DeployError",
-    "DeploySpec",
     "EngineMismatchError",
     "Prediction",
     "Segmenter",
-    "TextSpec",
     "export_bundle",
     "export_onnx",
     "verify_onnx",

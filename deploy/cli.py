@@ -26,9 +26,10 @@ def export_parser() -> argparse.ArgumentParser:
         'cmgnet export runs/demo/best --out exported/ --int8-calibration images/ --tensorrt skip',
         'cmgnet export runs/isic2017/best --out exported/ --tensorrt require --precision fp16 --max-batch 32',
         'cmgnet export runs/demo/best --out exported/ --mlflow-run-id RUN --mlflow-tracking-uri sqlite:///runs/mlflow.db',
+        'cmgnet export isic-cmgnet-lite0 --triton-repo triton-repo/ --ort-tensorrt-fp16',
     ])
     parser.add_argument("checkpoint", help="save_pretrained directory (config.json + model.safetensors)")
-    add_out_argument(parser, "bundle directory to write", required=True)
+    add_out_argument(parser, "bundle directory to write (needed unless --triton-repo)")
     parser.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     pre = parser.add_argument_group("pre/post-processing (default: the checkpoint's inference.json; "
                                     "a different value needs --force)")
@@ -56,6 +57,14 @@ def export_parser() -> argparse.ArgumentParser:
     trt.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace limit")
     trt.add_argument("--timing-cache", help="timing cache file (default ~/.cache/cmgnet/tensorrt-<ver>-sm<cc>...)")
     trt.add_argument("--torch-tensorrt", action="store_true", help="also compile model_trt.ep with torch-tensorrt")
+    triton = parser.add_argument_group("Triton model repository (for NVIDIA's tritonserver container)")
+    triton.add_argument("--triton-repo", metavar="DIR",
+                        help="also write a model repository: the network (ONNX Runtime; TensorRT plan when built) "
+                             "behind the Python-backend model 'cmgnet' that `cmgnet serve` runs")
+    triton.add_argument("--triton-instances", type=int, default=1,
+                        help="CPU instances of the pre/post-processing model")
+    triton.add_argument("--ort-tensorrt-fp16", action="store_true",
+                        help="let the ONNX model run on ONNX Runtime's TensorRT accelerator at fp16")
     ml = parser.add_argument_group("MLflow")
     ml.add_argument("--mlflow-run-id",
                     help="log the bundle as artifacts of this run (skipped with a warning if MLflow is absent)")
@@ -69,6 +78,7 @@ def predict_parser() -> argparse.ArgumentParser:
         'cmgnet predict exported/ images/ --out predictions/',
         "cmgnet predict runs/demo/best lesion.jpg --text 'Lesion on the back of a 55-year-old male patient.' --out p/",
         'cmgnet predict exported/ images/ --metadata images/metadata.csv --backend onnxruntime --out predictions/',
+        'cmgnet predict isic-cmgnet-lite0 images/ --backend torch --out predictions/',
     ])
     parser.add_argument("model", help="checkpoint dir, exported bundle dir, or .onnx/.engine/.ep file")
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .txt lists of paths")
@@ -83,7 +93,10 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation on or off (default: as recorded for the model)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: the model file's own; for a bundle, TensorRT when usable, else ONNX Runtime")
+                        help="auto: for a checkpoint or shipped model, ONNX Runtime on a CPU where installed "
+                             "(exported once per weights file into ~/.cache/cmgnet/onnx, or $CMGNET_CACHE_DIR), "
+                             "else PyTorch; for a bundle, TensorRT when usable, else ONNX Runtime; "
+                             "a model file's own backend")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network call")
     contract = parser.add_argument_group("inference contract (default: recorded with the model; "
@@ -122,5 +135,81 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     """``cmgnet predict``: see :func:`cmgnet.deploy.predict.main`."""
     argv = _checked(predict_parser(), argv)
     from .predict import main
+
+    return main(argv)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The ``cmgnet serve`` parser."""
+    from .triton_repo import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, MAX_ASPECT, MIN_SIDE
+
+    parser = make_parser('cmgnet serve', 'Serve a model with NVIDIA Triton Inference Server (HTTP, gRPC, Prometheus metrics, dynamic batching) until Ctrl-C. Clients send encoded image files (IMAGE) and optional JSON metadata (METADATA) to model "cmgnet" and get masks (MASK) at the images\' size; see `cmgnet infer-remote`. Needs a serving environment with numpy < 2 (`make setup` makes .venv-serve; or set CMGNET_SERVE_ENV).', [
+        'cmgnet serve isic-cmgnet-lite0',
+        'cmgnet serve runs/demo/best --port 9000 --grpc-port 9001 --metrics-port 9002',
+        'cmgnet serve exported/ --max-batch 16 --queue-delay-us 5000 --instances 2',
+        'cmgnet serve isic-cmgnet-lite0 --max-batch 1        # no dynamic batching',
+    ])
+    parser.add_argument("model", help="shipped model name, checkpoint dir, exported bundle dir or .onnx file")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    parser.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
+                        help="most images per model execution (1: no dynamic batching)")
+    parser.add_argument("--queue-delay-us", type=_non_negative, default=DEFAULT_QUEUE_DELAY_US,
+                        help="how long the dynamic batcher waits for more requests, in microseconds")
+    parser.add_argument("--instances", type=_positive, default=1, help="model instances (processes sharing the cores)")
+    parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch-tensorrt"], default="auto",
+                        help="the predictor's backend (auto: ONNX Runtime on a CPU where installed)")
+    parser.add_argument("--max-pixels", type=_positive, default=None,
+                        help="refuse larger images (default: the decoder's 80 MP); images must also have sides >= "
+                             f"{MIN_SIDE} px and an aspect ratio <= {MAX_ASPECT:g}:1")
+    parser.add_argument("--verbose", action="store_true", help="print Triton's full log")
+    return parser
+
+
+def infer_remote_parser() -> argparse.ArgumentParser:
+    """The ``cmgnet infer-remote`` parser."""
+    parser = make_parser('cmgnet infer-remote', 'Segment image files through a running server (`cmgnet serve`, or an exported Triton repository) with tritonclient: masks at the original size in OUT/masks/<id>.png. The exit code is 1 if any image failed (the others are still written).', [
+        'cmgnet infer-remote images/ --out masks/',
+        'cmgnet infer-remote lesion.jpg --metadata metadata.csv --url 127.0.0.1:8001 --protocol grpc --out m/',
+    ])
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .txt lists of paths")
+    add_out_argument(parser, "output folder", required=True)
+    parser.add_argument("--url", default="127.0.0.1:8000", help="the server's host:port (HTTP 8000, gRPC 8001)")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http", help="how to talk to it")
+    parser.add_argument("--model", default="cmgnet", help="the served model's name")
+    parser.add_argument("--metadata", nargs="+", help="metadata CSV(s) with image_id + age/sex/site/diagnosis/description")
+    parser.add_argument("--concurrency", type=_positive, default=4, help="requests in flight")
+    parser.add_argument("--overwrite", action="store_true", help="replace masks already in --out")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet serve``: see :func:`cmgnet.deploy.server.main`."""
+    argv = _checked(serve_parser(), argv)
+    from .server import main
+
+    return main(argv)
+
+
+def infer_remote_main(argv: Sequence[str] | None = None) -> int:
+    """``cmgnet infer-remote``: see :func:`cmgnet.deploy.client.main`."""
+    argv = _checked(infer_remote_parser(), argv)
+    from .client import main
 
     return main(argv)

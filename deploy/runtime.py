@@ -1,9 +1,11 @@
-"""One inference interface, :class:`Segmenter`, over every way the model is deployed.
+"""One predictor, :class:`Segmenter`, over every way the model is deployed.
 
 Backends (``Segmenter.load(path, backend=...)``):
 
 * ``torch``: a ``save_pretrained`` checkpoint directory (``config.json`` + ``model.safetensors``);
 * ``onnxruntime``: ``model.onnx`` (or ``model.int8.onnx``) of an exported bundle, CPU or CUDA;
+  for a checkpoint, the ONNX export of its weights cached once per weights file
+  (:mod:`cmgnet.deploy.cache`), which ``auto`` picks on a CPU when ONNX Runtime is installed;
 * ``tensorrt``: ``model.engine`` built by :func:`cmgnet.deploy.trt_engine.build_engine`;
 * ``torch-tensorrt``: ``model_trt.ep`` compiled by :func:`cmgnet.deploy.torch_trt.compile_torch_tensorrt`.
 
@@ -11,22 +13,23 @@ Pre- and post-processing are the same code for all of them, so backends differ o
 network's arithmetic:
 
 1. decode to RGB ``uint8`` as a viewer shows the file (EXIF orientation applied, every
-   pixel mode converted by :func:`cmgnet.data.imageio.to_array`); take the centred square
-   if the model was trained with ``center_crop``; resize to the spec's image size with
-   antialiased bilinear interpolation (the training pipeline's resize,
-   ``cmgnet.data.augment.torch_ops``); normalise
-   ``(x / 255 - mean) / std`` with the statistics the model was trained with;
+   pixel mode converted by :func:`cmgnet.data.imageio.to_array`); then the data package's
+   evaluation transform, :func:`cmgnet.data.augment.torch_ops.preprocess_image` (the centred
+   square if the record says ``center_crop``, antialiased bilinear resize to the record's
+   size, ``(x / 255 - mean) / std``): the numbers the evaluation loaders give the network;
 2. text: a sentence, a metadata record (any object with ``diagnosis, age, sex, site,
    description``: made into a sentence by :func:`cmgnet.text.pseudo_text.make_sentence` under
    the segmenter's text regime) or nothing (the neutral sentence); encoded by the frozen text
-   encoder (cached per sentence) and padded to the spec's ``max_length`` tokens;
-3. ``sigmoid(logits)`` (averaged over flips with ``tta``) resized bilinearly back to the
-   original image size (to the crop, background outside it, with ``center_crop``), then
-   ``probability > threshold`` is the mask.
+   encoder (cached per sentence) and padded to the record's ``text_max_length`` tokens;
+3. ``sigmoid(logits)`` (averaged over flips with ``tta``: :mod:`cmgnet.model.tta`; ONNX Runtime
+   gets all views of a batch in one call) resized bilinearly back to the original image size
+   (to the crop, background outside it, with ``center_crop``), then ``probability >
+   threshold`` is the mask, cleaned by the record's post-processing.
 
-All of these settings come from the model's inference contract (``inference.json`` beside a
-checkpoint's weights, ``deploy.json`` in a bundle; see :mod:`cmgnet.inference`). An explicit
-argument that contradicts it raises :class:`cmgnet.errors.UsageError` unless ``force=True``.
+All of these settings come from the model's :class:`~cmgnet.inference.InferenceRecord`
+(``inference.json`` beside a checkpoint's weights or in a bundle; an older bundle's
+``deploy.json``). An explicit argument that contradicts it raises
+:class:`cmgnet.errors.UsageError` unless ``force=True``.
 
 Images go through the network in batches of ``batch_size`` (capped by an engine's largest
 optimisation-profile batch).
@@ -35,8 +38,9 @@ optimisation-profile batch).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,28 +52,30 @@ from PIL import Image
 from torch import Tensor
 
 from cmgnet.data.augment.params import crop_box
+from cmgnet.data.augment.torch_ops import preprocess_image
 from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded, to_array
 from cmgnet.errors import load_safetensors
-from cmgnet.inference import INFERENCE_NAME, resolve
+from cmgnet.inference import (
+    INFERENCE_NAME,
+    InferenceRecord,
+    complete_for_model,
+    image_hw,
+    record_for_model,
+    record_path,
+    resolve,
+)
 from cmgnet.model import SegmentationModel
 from cmgnet.model.base import CONFIG_NAME, WEIGHTS_NAME
 from cmgnet.model.postprocess import check_mode, clean_mask
+from cmgnet.model.tta import FLIPS, flip_tta, flip_views, merge_views
 from cmgnet.text import NEUTRAL_SENTENCE, TextEncoder, TextFeatureCache
+from cmgnet.text.encoder import pad_features
 from cmgnet.text.pseudo_text import make_sentence
 
 from .errors import BackendUnavailableError, DeployError
-from .spec import (
-    ENGINE_NAME,
-    ONNX_NAME,
-    OUTPUT_NAME,
-    SPEC_NAME,
-    TORCH_TRT_NAME,
-    DeploySpec,
-    TextSpec,
-    spec_for_model,
-)
+from .spec import ENGINE_NAME, ONNX_NAME, OUTPUT_NAME, RECORD_NAME, TORCH_TRT_NAME
 
-from .spec import BACKENDS, SEGMENTER_TEXT_REGIMES  # noqa: E402 - defined beside the spec (torch-free)
+from .spec import BACKENDS, SEGMENTER_TEXT_REGIMES  # noqa: E402 - defined beside the bundle's names (torch-free)
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -88,12 +94,43 @@ class Prediction:
     probability: np.ndarray
     sentence: str
 
+    def statistics(self) -> dict[str, Any]:
+        """The mask's row of ``predictions.csv`` (:func:`lesion_statistics`)."""
+        return lesion_statistics(self.mask, self.probability)
+
+
+def lesion_statistics(mask: np.ndarray, probability: np.ndarray) -> dict[str, Any]:
+    """Area, connected components (8-connected), bounding box, centroid and mean probability of a mask."""
+    from scipy import ndimage
+
+    height, width = mask.shape
+    pixels = int(mask.sum())
+    stats: dict[str, Any] = {"height": height, "width": width, "lesion_pixels": pixels,
+                             "lesion_fraction": round(pixels / mask.size, 6)}
+    if pixels == 0:
+        return stats | {"components": 0, "largest_component_pixels": 0}
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    ys, xs = np.nonzero(mask)
+    return stats | {
+        "components": int(count),
+        "largest_component_pixels": int(np.bincount(labels.ravel())[1:].max()),
+        "bbox_x0": int(xs.min()), "bbox_y0": int(ys.min()), "bbox_x1": int(xs.max()), "bbox_y1": int(ys.max()),
+        "centroid_x": round(float(xs.mean()), 2), "centroid_y": round(float(ys.mean()), 2),
+        "mean_probability": round(float(probability[mask].mean()), 4),
+    }
+
 
 class Runner(Protocol):
-    """A backend: normalised images (+ text inputs) -> ``B x 1 x h x w`` float32 CPU logits."""
+    """A backend: normalised images (+ text inputs) -> ``B x 1 x h x w`` float32 CPU logits.
+
+    ``max_batch`` caps the images per call (an engine's profile; ``None``: no cap);
+    ``batch_views``: the flip-TTA views of a batch go through in one call (faster where a
+    larger batch costs less per image, as on ONNX Runtime), chunked to ``max_batch``.
+    """
 
     name: str
     max_batch: int | None
+    batch_views: bool
 
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor: ...
 
@@ -132,22 +169,14 @@ def as_rgb(image: ImageInput) -> np.ndarray:
     return array[..., :3]
 
 
-def preprocess(images: Sequence[np.ndarray], spec: DeploySpec) -> Tensor:
-    """RGB uint8 images of any sizes -> the normalised ``B x 3 x H x W`` float32 network input."""
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
-    batch = []
-    for array in images:
-        x = torch.tensor(array, dtype=torch.float32).permute(2, 0, 1)[None]
-        if spec.center_crop:
-            top, left, side = crop_box(*array.shape[:2])
-            x = x[..., top : top + side, left : left + side]
-        # Same resize as training (antialiased bilinear on 0..255 values, none at the same size),
-        # so inputs match what the model saw.
-        if tuple(x.shape[-2:]) != tuple(spec.image_size):
-            x = F.interpolate(x, size=spec.image_size, mode="bilinear", antialias=True, align_corners=False)
-        batch.append(x)
-    return (torch.cat(batch) - mean) / std
+def preprocess(images: Sequence[np.ndarray], record: InferenceRecord) -> Tensor:
+    """RGB uint8 images of any sizes -> the normalised ``B x 3 x H x W`` float32 network input.
+
+    Each image goes through the data package's evaluation transform
+    (:func:`~cmgnet.data.augment.torch_ops.preprocess_image`), so the network sees what it saw
+    when it was evaluated.
+    """
+    return torch.cat([preprocess_image(array, record) for array in images])
 
 
 def postprocess(
@@ -193,39 +222,64 @@ def resolve_device(device: str) -> str:
 class TorchRunner:
     """PyTorch eager inference of an in-memory model.
 
+    On a CPU in fp32 it runs a copy of the network with BatchNorm folded into the convolutions
+    (:mod:`cmgnet.model.fold`) in channels-last, ``cpu_micro_batch`` images at a time: the
+    activations of larger batches spill out of the caches, and the shipped model took 52 ms per
+    image at batch 8 against 34 ms at batch 1 unfolded, 30 ms at batch 2 folded (one thread,
+    CPU time, AMD EPYC). The caller's model is not modified.
+
     Args:
         model: the network (put in eval mode and moved to ``device``).
         device: ``"cpu"``, ``"cuda"``, ...
         precision: ``"fp32"``, or ``"fp16"``/``"bf16"`` autocast on CUDA.
+        cpu_micro_batch: images per forward pass on a CPU.
     """
 
     name = "torch"
     max_batch = None
+    batch_views = False  # eager PyTorch on a CPU is slower per image at larger batches
 
-    def __init__(self, model: SegmentationModel, device: str = "cpu", precision: str = "fp32") -> None:
+    def __init__(self, model: SegmentationModel, device: str = "cpu", precision: str = "fp32",
+                 cpu_micro_batch: int = 2) -> None:
         if precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"device {device!r} requested but PyTorch sees no CUDA GPU; use device 'cpu'")
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        self.micro_batch = None
+        model = model.eval()
+        if self.device.type == "cpu" and precision == "fp32":
+            from cmgnet.model.fold import fold_batchnorm
+
+            model = copy.deepcopy(model)
+            fold_batchnorm(model)
+            model = model.to(memory_format=torch.channels_last)
+            self.micro_batch = cpu_micro_batch
+        self.model = model.to(self.device)
         self.autocast = None if precision == "fp32" else {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor:
         args = [image] if text_features is None else [image, text_features, text_mask]
         args = [a.to(self.device, non_blocking=True) for a in args]
+        if self.micro_batch:
+            args[0] = args[0].contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+        step = self.micro_batch or len(image)
         with torch.inference_mode(), autocast:
-            return self.model(*args).float().cpu()
+            return torch.cat([self.model(*(a[i:i + step] for a in args)).float().cpu()
+                              for i in range(0, len(image), step)]).contiguous()
 
 
-def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int | None = None) -> Any:
+def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int | None = None,
+                        spinning: bool = True) -> Any:
     """An ONNX Runtime session tuned for latency.
 
     Args:
         path: the ``.onnx`` file.
         device: ``"cpu"`` or ``"cuda"`` (needs the ``onnxruntime-gpu`` package).
         num_threads: intra-op threads; ``None`` keeps ONNX Runtime's default (one per physical core).
+        spinning: let idle intra-op threads spin-wait for the next op (ONNX Runtime's default);
+            off where Python work runs between calls on the same cores.
 
     Returns:
         ``onnxruntime.InferenceSession``.
@@ -248,6 +302,8 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
     options.inter_op_num_threads = 1
     if num_threads:
         options.intra_op_num_threads = num_threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailableError(
@@ -279,11 +335,14 @@ class OnnxRuntimeRunner:
     """
 
     name = "onnxruntime"
-    max_batch = None
+    max_batch = 32  # per call: the views of 8 images; larger batches gain little and cost memory
+    batch_views = True
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None) -> None:
         self.path = Path(path)
-        self.session = onnxruntime_session(self.path, device, num_threads)
+        # Pre/post-processing runs between the calls: threads left spinning after a call would take
+        # its cores (on two shared cores, 195 -> 120 ms per image with the change below).
+        self.session = onnxruntime_session(self.path, device, num_threads, spinning=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor:
@@ -298,12 +357,14 @@ class OnnxRuntimeRunner:
 # ----------------------------------------------------------------------------- text
 
 
-def bundle_text_encoder(text: TextSpec, folder: Path) -> TextEncoder:
-    """The frozen text encoder described by a spec, with the bundle's feature cache.
+def bundle_text_encoder(record: InferenceRecord, folder: Path, cache: TextFeatureCache | None = None) -> TextEncoder:
+    """The frozen text encoder a bundle's record describes, with the bundle's feature cache.
 
     Args:
-        text: the spec's text section.
-        folder: the folder the spec's relative ``weights``/``cache`` paths are in.
+        record: the bundle's record (``text_model``, ``text_max_length``, ``text_hidden_size``,
+            ``text_cache``, ``text_weights``).
+        folder: the folder the record's relative ``text_weights``/``text_cache`` paths are in.
+        cache: the bundle's text cache if already open (default: opened here).
 
     Returns:
         A :class:`~cmgnet.text.TextEncoder` in eval mode.
@@ -311,23 +372,65 @@ def bundle_text_encoder(text: TextSpec, folder: Path) -> TextEncoder:
     Raises:
         DeployError: its hidden size differs from the one the network was exported with.
     """
-    cache = TextFeatureCache(folder / text.cache) if text.cache else None
-    if cache is not None:
-        cache.get(text.model_id, NEUTRAL_SENTENCE)  # read the cache file now: a corrupt one fails at load, by name
-    encoder = TextEncoder(text.model_id, text.max_length, freeze=True, cache=cache)
-    if text.weights:
-        path = folder / text.weights
+    if cache is None and record.text_cache:
+        cache = TextFeatureCache(folder / record.text_cache)
+        cache.get(record.text_model, NEUTRAL_SENTENCE)  # read the cache file now: a corrupt one fails at load, by name
+    encoder = TextEncoder(record.text_model, record.text_max_length, freeze=True, cache=cache)
+    if record.text_weights:
+        path = folder / record.text_weights
         try:
             encoder.backbone.load_state_dict(load_safetensors(path, "text encoder weights"))
         except RuntimeError as err:
-            raise DeployError(f"{path}: weights do not fit text encoder {text.model_id!r} ({err.__class__.__name__}); "
-                              "re-export") from err
-    if encoder.hidden_size != text.hidden_size:
+            raise DeployError(f"{path}: weights do not fit text encoder {record.text_model!r} "
+                              f"({err.__class__.__name__}); re-export") from err
+    if record.text_hidden_size is not None and encoder.hidden_size != record.text_hidden_size:
         raise DeployError(
-            f"text encoder {text.model_id!r} has hidden size {encoder.hidden_size}, but the network was exported "
-            f"for {text.hidden_size}: the bundle and the installed text model disagree; re-export"
+            f"text encoder {record.text_model!r} has hidden size {encoder.hidden_size}, but the network was exported "
+            f"for {record.text_hidden_size}: the bundle and the installed text model disagree; re-export"
         )
     return encoder.eval()
+
+
+class BundleTextEncoder:
+    """A bundle's text features: from its text cache, the encoder loaded only for a sentence the cache lacks.
+
+    The cache holds the neutral sentence and every diagnosis template (all that ``predict``
+    without metadata or ``--text`` needs), so serving usually never loads the encoder (about
+    3 s of a short ``predict``). Features equal those of :func:`bundle_text_encoder`.
+
+    Args:
+        record: the bundle's record.
+        folder: the bundle.
+
+    Raises:
+        CheckpointError: an unreadable text cache (naming it).
+        DeployError: the cached features' width differs from the record's ``text_hidden_size``.
+    """
+
+    def __init__(self, record: InferenceRecord, folder: Path) -> None:
+        self.record, self.folder = record, folder
+        self.cache = TextFeatureCache(folder / record.text_cache) if record.text_cache else None
+        self._encoder: TextEncoder | None = None
+        neutral = self.cache.get(record.text_model, NEUTRAL_SENTENCE) if self.cache is not None else None
+        if neutral is None or record.text_hidden_size is None:  # nothing cached, or an old bundle: check it now
+            self.encoder  # noqa: B018 - loads and checks the encoder
+        elif neutral.shape[-1] != record.text_hidden_size:
+            raise DeployError(f"{folder / record.text_cache}: cached text features are {neutral.shape[-1]} wide, "
+                              f"the network takes {record.text_hidden_size}; re-export")
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The frozen encoder (loaded on first use), sharing this bundle's cache."""
+        if self._encoder is None:
+            self._encoder = bundle_text_encoder(self.record, self.folder, self.cache)
+        return self._encoder
+
+    def __call__(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if self.cache is not None:
+            cached = [self.cache.get(self.record.text_model, s) for s in sentences]
+            if all(c is not None for c in cached):
+                return pad_features(cached)
+        return self.encoder(sentences)
 
 
 def _pad_tokens(features: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -346,27 +449,29 @@ class Segmenter:
 
     Args:
         runner: the backend (see :class:`Runner`).
-        spec: pre/post-processing and text encoder description.
-        text_encoder: the frozen text encoder (``None`` for image-only networks).
+        record: the model's inference record: pre/post-processing and the text inputs.
+        text_encoder: sentences -> encoder features and mask: the frozen text encoder, or a
+            bundle's :class:`BundleTextEncoder` (``None`` for image-only networks).
         batch_size: images per network call.
-        threshold: mask threshold (``None``: the spec's, i.e. the one the model was evaluated with).
+        threshold: mask threshold (``None``: the record's, i.e. the one the model was evaluated with).
         text_regime: how metadata records become sentences: ``none``, ``metadata`` (age,
-            sex, site only) or ``oracle`` (also the record's diagnosis); ``None``: the spec's.
-        tta: average the logits over flips (``cmgnet.model.tta``); ``None``: the spec's.
-        postprocess: mask post-processing (:mod:`cmgnet.model.postprocess`); ``None``: the spec's.
+            sex, site only) or ``oracle`` (also the record's diagnosis); ``None``: the record's.
+        tta: average the logits over flips (``cmgnet.model.tta``); ``None``: the record's.
+        postprocess: mask post-processing (:mod:`cmgnet.model.postprocess`); ``None``: the record's.
         source: the model file, named when the network returns NaN or inf (``None``: in memory).
 
     Example:
-        >>> seg = Segmenter.load("exported/model.onnx")
+        >>> seg = Segmenter.load("isic-cmgnet-lite0")
         >>> [p] = seg.predict(["lesion.jpg"], "Asymmetric lesion with irregular borders and multiple colors.")
         >>> p.mask.shape  # the image's own (height, width)
+        >>> p.statistics()["lesion_fraction"]
     """
 
     def __init__(
         self,
         runner: Runner,
-        spec: DeploySpec,
-        text_encoder: TextEncoder | None = None,
+        record: InferenceRecord,
+        text_encoder: TextEncoder | BundleTextEncoder | None = None,
         *,
         batch_size: int = 8,
         threshold: float | None = None,
@@ -375,22 +480,29 @@ class Segmenter:
         postprocess: str | None = None,
         source: str | Path | None = None,
     ) -> None:
-        text_regime = spec.text_regime if text_regime is None else text_regime
+        regime = record.text_regime if record.text_regime in SEGMENTER_TEXT_REGIMES else "metadata"
+        text_regime = regime if text_regime is None else text_regime
         if text_regime not in SEGMENTER_TEXT_REGIMES:
             raise ValueError(f"text_regime must be one of {SEGMENTER_TEXT_REGIMES}, got {text_regime!r}")
-        if spec.text is not None and text_encoder is None:
+        if record.text_model is not None and text_encoder is None:
             raise DeployError("this network takes text: pass its text encoder")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.runner = runner
-        self.spec = spec
+        self.record = record
         self.text_encoder = text_encoder
-        self.batch_size = min(batch_size, runner.max_batch or batch_size)
-        self.threshold = spec.threshold if threshold is None else threshold
+        self.batch_size = batch_size if getattr(runner, "batch_views", False) else \
+            min(batch_size, runner.max_batch or batch_size)
+        self.threshold = record.threshold if threshold is None else threshold
         self.text_regime = text_regime
-        self.tta = spec.tta if tta is None else bool(tta)
-        self.postprocess = check_mode(spec.postprocess if postprocess is None else postprocess)
+        self.tta = record.tta if tta is None else bool(tta)
+        self.postprocess = check_mode(record.postprocess if postprocess is None else postprocess)
         self.source = source
+
+    @property
+    def spec(self) -> InferenceRecord:
+        """The record (its name before the deploy spec and the record became one)."""
+        return self.record
 
     @property
     def backend(self) -> str:
@@ -405,17 +517,19 @@ class Segmenter:
         image_size: int | tuple[int, int] | None = None,
         device: str = "cpu",
         precision: str = "fp32",
-        spec: DeploySpec | None = None,
+        record: InferenceRecord | None = None,
         **kwargs: Any,
     ) -> Segmenter:
         """A PyTorch segmenter around an in-memory model (``kwargs`` as in the constructor).
 
-        The preprocessing is the model's inference record (``model.inference``) unless a
-        ``spec`` is given; ``image_size`` replaces the record's size.
+        The preprocessing is the model's inference record (``model.inference``; the defaults
+        when it has none) unless a ``record`` is given; ``image_size`` replaces the record's size.
         """
-        spec = spec or spec_for_model(model, image_size)
+        record = serving_record(model, record)
+        if image_size is not None:
+            record = replace(record, image_size=image_hw(image_size))
         encoder = model.text_branch.encoder if getattr(model, "text_branch", None) is not None else None
-        return cls(TorchRunner(model, resolve_device(device), precision), spec, encoder, **kwargs)
+        return cls(TorchRunner(model, resolve_device(device), precision), record, encoder, **kwargs)
 
     @classmethod
     def load(
@@ -433,17 +547,20 @@ class Segmenter:
     ) -> Segmenter:
         """Open a checkpoint, an exported bundle or one of its model files.
 
-        Preprocessing, threshold, text regime and TTA come from the model's inference contract
-        (the checkpoint's ``inference.json``, the bundle's ``deploy.json``); a checkpoint saved
-        without one gets the defaults (256 px, ImageNet statistics, threshold 0.5).
+        Preprocessing, threshold, text regime, TTA and post-processing come from the model's
+        inference record (``inference.json``; an older bundle's ``deploy.json``); a checkpoint
+        saved without one gets the defaults (256 px, ImageNet statistics, threshold 0.5).
 
         Args:
             path: a shipped model name (``cmgnet.shipped``); a ``save_pretrained`` checkpoint
-                directory (PyTorch); an exported bundle directory (``deploy.json``); or a
-                ``.onnx``, ``.engine``/``.plan`` or ``.ep`` file.
-            backend: one of :data:`BACKENDS`. ``auto`` picks the file's own backend; for a
-                bundle, the TensorRT engine when it exists and TensorRT and a GPU are present,
-                else ONNX Runtime.
+                directory; an exported bundle directory; or a ``.onnx``, ``.engine``/``.plan``
+                or ``.ep`` file.
+            backend: one of :data:`BACKENDS`. ``auto`` picks, for a checkpoint, ONNX Runtime
+                on a CPU where it is installed (the weights exported once into the cache of
+                :mod:`cmgnet.deploy.cache`; PyTorch if that export fails, with a warning),
+                else PyTorch; for a bundle, the TensorRT engine when it exists and TensorRT
+                and a GPU are present, else ONNX Runtime; for a file, its own backend.
+                ``onnxruntime`` with a checkpoint uses the cache too.
             device: ``auto``, ``cpu`` or ``cuda`` (TensorRT always runs on the GPU).
             num_threads: ONNX Runtime intra-op threads.
             image_size, mean, std: preprocessing; ``None`` (default) takes the recorded values.
@@ -466,38 +583,78 @@ class Segmenter:
         path = resolve_model_path(path)
         if not path.exists():
             raise DeployError(f"{path}: no such file or directory")
-        given = {"image_size": (image_size,) * 2 if isinstance(image_size, int) else image_size,
+        given = {"image_size": image_hw(image_size) if image_size is not None else None,
                  "mean": mean, "std": std, "threshold": kwargs.pop("threshold", None),
                  "text_regime": kwargs.pop("text_regime", None), "tta": kwargs.pop("tta", None),
                  "postprocess": kwargs.pop("postprocess", None)}
         if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-            if backend not in ("auto", "torch"):
+            if backend not in ("auto", "torch", "onnxruntime"):
                 raise DeployError(
                     f"{path} is a PyTorch checkpoint; export it (`cmgnet export`) to use backend {backend!r}"
                 )
+            device = resolve_device(device)
+            if backend == "onnxruntime" or (backend == "auto" and _cached_onnx_wanted(device)):
+                segmenter = cls._load_cached_onnx(path, backend, device, num_threads, given, force, kwargs)
+                if segmenter is not None:
+                    return segmenter
             model = SegmentationModel.from_pretrained(path)
             # Without a record the defaults are only guesses: explicit values replace them unchecked.
-            spec = _apply(spec_for_model(model), given, path / INFERENCE_NAME, force, checked=model.inference is not None)
-            return cls.from_model(model, spec=spec, device=device, source=path / WEIGHTS_NAME, **kwargs)
+            record = _apply(serving_record(model), given, path / INFERENCE_NAME, force,
+                            checked=model.inference is not None)
+            return cls.from_model(model, record=record, device=device, source=path / WEIGHTS_NAME, **kwargs)
         file, backend = _resolve_model_file(path, backend)
         device = resolve_device(device)
+        record_file = record_path(file.parent) or file.parent / RECORD_NAME
         if backend == "onnxruntime":
-            spec = DeploySpec.load(file.parent / SPEC_NAME)
+            record = InferenceRecord.read(record_file)
             runner: Runner = OnnxRuntimeRunner(file, device, num_threads)
-            _check_inputs(spec, runner.input_names, file.parent / SPEC_NAME, file)
+            _check_inputs(record, runner.input_names, record_file, file)
         elif backend == "tensorrt":
             from .trt_engine import TensorRTRunner
 
             runner = TensorRTRunner(file)
-            spec = runner.metadata.spec
+            record = runner.metadata.spec
         else:
             from .torch_trt import TorchTensorRTRunner
 
             runner = TorchTensorRTRunner(file)
-            spec = runner.metadata.spec
-        spec = _apply(spec, given, file.parent / SPEC_NAME, force)
-        encoder = bundle_text_encoder(spec.text, file.parent) if spec.text is not None else None
-        return cls(runner, spec, encoder, source=file, **kwargs)
+            record = runner.metadata.spec
+        record = _apply(record, given, record_file, force)
+        encoder = BundleTextEncoder(record, file.parent) if record.text_model is not None else None
+        return cls(runner, record, encoder, source=file, **kwargs)
+
+    @classmethod
+    def _load_cached_onnx(cls, checkpoint: Path, backend: str, device: str, num_threads: int | None,
+                          given: dict[str, Any], force: bool, kwargs: dict[str, Any]) -> Segmenter | None:
+        """The checkpoint on ONNX Runtime through the export cache; ``None`` when ``auto`` falls back to PyTorch.
+
+        The serving settings are the checkpoint's own record (which may have changed since
+        the export); the cached bundle supplies the network and the text cache.
+        """
+        import sys
+
+        from cmgnet.errors import one_line
+        from cmgnet.outputs import WriteFailedError
+
+        from .cache import cached_bundle
+
+        try:
+            bundle = cached_bundle(checkpoint)
+            cached = InferenceRecord.read(record_path(bundle) or bundle / RECORD_NAME)
+            runner = OnnxRuntimeRunner(bundle / ONNX_NAME, device, num_threads)
+        except (DeployError, WriteFailedError, OSError) as err:  # a damaged checkpoint (CheckpointError) is raised
+            if backend != "auto":
+                raise
+            print(f"warning: {checkpoint}: running on PyTorch, not ONNX Runtime ({one_line(err)})", file=sys.stderr)
+            return None
+        own = InferenceRecord.load(checkpoint)
+        if own is not None:
+            serving = {f: getattr(own, f) for f in SERVING_FIELDS}
+            cached = servable(replace(cached, **serving))
+        _check_inputs(cached, runner.input_names, bundle / RECORD_NAME, bundle / ONNX_NAME)
+        record = _apply(cached, given, checkpoint / INFERENCE_NAME, force, checked=own is not None)
+        encoder = BundleTextEncoder(record, bundle) if record.text_model is not None else None
+        return cls(runner, record, encoder, source=checkpoint / WEIGHTS_NAME, **kwargs)
 
     # --- text
 
@@ -519,12 +676,12 @@ class Segmenter:
         return [self.sentence(t) for t in texts]
 
     def text_inputs(self, sentences: Sequence[str]) -> tuple[Tensor | None, Tensor | None]:
-        """Encoder features ``B x max_length x D_t`` (float32, CPU) and mask ``B x max_length`` (bool)."""
-        if self.spec.text is None:
+        """Encoder features ``B x text_max_length x D_t`` (float32, CPU) and mask ``B x text_max_length`` (bool)."""
+        if self.record.text_model is None:
             return None, None
         with torch.inference_mode():
             features, mask = self.text_encoder(list(sentences))
-        return _pad_tokens(features.float().cpu(), mask.cpu(), self.spec.text.max_length)
+        return _pad_tokens(features.float().cpu(), mask.cpu(), self.record.text_max_length)
 
     # --- inference
 
@@ -537,29 +694,34 @@ class Segmenter:
                 sequence with one sentence/record/``None`` per image.
 
         Returns:
-            One :class:`Prediction` per image, mask and probability at the image's size.
+            One :class:`Prediction` per image, mask and probability at the image's size
+            (:meth:`Prediction.statistics` gives its ``predictions.csv`` row).
         """
         images = list(images)
         sentences = self.sentences(texts, len(images))
+        with _torch_threads(1 if getattr(self.runner, "batch_views", False) else None):
+            return self._predict(images, sentences)
+
+    __call__ = predict
+
+    def _predict(self, images: list[ImageInput], sentences: list[str]) -> list[Prediction]:
         predictions: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             # Decode one batch at a time: a long list of large photos never sits in memory at once.
             chunk = [as_rgb(image) for image in images[start : start + self.batch_size]]
             chunk_sentences = sentences[start : start + self.batch_size]
             features, mask = self.text_inputs(chunk_sentences)
-            logits = self._logits(preprocess(chunk, self.spec), features, mask)
+            logits = self._logits(preprocess(chunk, self.record), features, mask)
             if logits.shape[0] != len(chunk) or logits.shape[1] != 1:
                 raise DeployError(
                     f"backend {self.backend} returned logits of shape {tuple(logits.shape)} for {len(chunk)} images"
                 )
             self._check_finite(logits)
-            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.spec.center_crop,
+            results = postprocess(logits, [a.shape[:2] for a in chunk], self.threshold, self.record.center_crop,
                                   self.postprocess)
-            used = chunk_sentences if self.spec.text is not None else [""] * len(chunk)  # image-only: no text
+            used = chunk_sentences if self.record.text_model is not None else [""] * len(chunk)  # image-only: no text
             predictions += [Prediction(m, p, s) for (p, m), s in zip(results, used)]
         return predictions
-
-    __call__ = predict
 
     def _check_finite(self, logits: Tensor) -> None:
         # NaN logits threshold to an empty mask, which would read as "no lesion found".
@@ -571,26 +733,79 @@ class Segmenter:
                               "re-export or re-download the model")
 
     def _logits(self, image: Tensor, features: Tensor | None, mask: Tensor | None) -> Tensor:
+        if not getattr(self.runner, "batch_views", False):
+            if not self.tta:
+                return self.runner(image, features, mask)
+            return flip_tta(lambda x: self.runner(x, features, mask), image)  # the same TTA as evaluation
+        # All views of the batch in as few calls as the runner takes: one ONNX Runtime call for 8 images x 4 flips.
+        views = flip_views(image) if self.tta else [image]
+        count = len(views)
+        stacked = torch.cat(views)
+        if features is not None:
+            features, mask = features.repeat(count, 1, 1), mask.repeat(count, 1)
+        step = self.runner.max_batch or stacked.shape[0]
+        logits = torch.cat([self.runner(stacked[i : i + step], None if features is None else features[i : i + step],
+                                        None if mask is None else mask[i : i + step])
+                            for i in range(0, stacked.shape[0], step)])
         if not self.tta:
-            return self.runner(image, features, mask)
-        from cmgnet.model.tta import flip_tta  # the same TTA as evaluation, for every backend
-
-        return flip_tta(lambda x: self.runner(x, features, mask), image)
+            return logits
+        return merge_views(list(logits.chunk(count)), FLIPS)
 
 
-def _check_inputs(spec: DeploySpec, names: Sequence[str], spec_path: Path, model_path: Path) -> None:
-    """Refuse a spec whose inputs are not the model file's, at load rather than once per image.
+SERVING_FIELDS = ("image_size", "mean", "std", "center_crop", "threshold", "tta", "postprocess", "text_regime")
+"""The record's settings a checkpoint's ``inference.json`` decides (the rest describe the network and its files)."""
+
+
+def serving_record(model: SegmentationModel, record: InferenceRecord | None = None) -> InferenceRecord:
+    """The record a model is served with: ``record``, else ``model.inference``, else the defaults; network fields filled in."""
+    record = record or getattr(model, "inference", None)
+    return servable(complete_for_model(record, model) if record is not None else record_for_model(model))
+
+
+def servable(record: InferenceRecord) -> InferenceRecord:
+    """``record`` with a text regime serving can apply: ``predicted`` needs the diagnosis classifier, so ``metadata``."""
+    return record if record.text_regime in SEGMENTER_TEXT_REGIMES else replace(record, text_regime="metadata")
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``count`` inside the block (``None``: unchanged).
+
+    With the network in ONNX Runtime's own thread pool, PyTorch only resizes, normalises and
+    averages small tensors: one thread does that faster than two that wait for each other on
+    cores ONNX Runtime keeps busy.
+    """
+    before = torch.get_num_threads()
+    if count is None or count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cached_onnx_wanted(device: str) -> bool:
+    """``auto`` on a checkpoint: ONNX Runtime on a CPU where it and the exporter are installed."""
+    if device != "cpu":
+        return False
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def _check_inputs(record: InferenceRecord, names: Sequence[str], record_file: Path, model_path: Path) -> None:
+    """Refuse a record whose inputs are not the model file's, at load rather than once per image.
 
     Raises:
-        DeployError: naming ``deploy.json`` (e.g. ``"text": null`` beside a text-guided network).
+        DeployError: naming the record file (e.g. ``"text_model": null`` beside a text-guided network).
     """
-    if sorted(names) == sorted(spec.input_names):
+    if sorted(names) == sorted(record.input_names):
         return
-    if spec.text is None:
-        what = f'"text" is null (an image-only network) but {model_path.name} takes inputs {list(names)}'
+    if record.text_model is None:
+        what = f"no text model (an image-only network) but {model_path.name} takes inputs {list(names)}"
     else:
-        what = f"describes inputs {list(spec.input_names)} but {model_path.name} takes {list(names)}"
-    raise DeployError(f"{spec_path}: {what}; re-export the bundle with `cmgnet export`")
+        what = f"describes inputs {list(record.input_names)} but {model_path.name} takes {list(names)}"
+    raise DeployError(f"{record_file}: {what}; re-export the bundle with `cmgnet export`")
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -605,18 +820,17 @@ def resolve_model_path(path: str | Path) -> Path:
     return Path(resolve_pretrained(str(path)))
 
 
-def _apply(spec: DeploySpec, given: dict[str, Any], source: Any, force: bool, checked: bool = True) -> DeploySpec:
-    """``spec`` with explicitly given settings merged in (see :func:`cmgnet.inference.resolve`).
+def _apply(record: InferenceRecord, given: dict[str, Any], source: Any, force: bool,
+           checked: bool = True) -> InferenceRecord:
+    """``record`` with explicitly given settings merged in (see :func:`cmgnet.inference.resolve`).
 
-    ``checked=False``: the spec holds defaults, not a record, so given values win silently.
+    ``checked=False``: the record holds defaults, not a saved record, so given values win silently.
     """
     if checked:
-        values = resolve(spec, given, source, force)
+        values = resolve(record, given, source, force)
     else:
-        values = {k: getattr(spec, k) if v is None else v for k, v in given.items()}
-    for key in ("image_size", "mean", "std"):
-        values[key] = tuple(values[key])
-    return replace(spec, **values)
+        values = {k: getattr(record, k) if v is None else v for k, v in given.items()}
+    return replace(record, **values)
 
 
 def _resolve_model_file(path: Path, backend: str) -> tuple[Path, str]:
@@ -629,9 +843,9 @@ def _resolve_model_file(path: Path, backend: str) -> tuple[Path, str]:
         if backend not in ("auto", own):
             raise DeployError(f"{path} is a {own} model; it cannot run on backend {backend!r}")
         return path, own
-    if not (path / SPEC_NAME).is_file():
+    if record_path(path) is None:
         raise DeployError(
-            f"{path}: neither a checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an exported bundle ({SPEC_NAME}); "
+            f"{path}: neither a checkpoint ({CONFIG_NAME} + {WEIGHTS_NAME}) nor an exported bundle ({RECORD_NAME}); "
             "export a checkpoint with `cmgnet export CHECKPOINT --out DIR`"
         )
     files = {"onnxruntime": path / ONNX_NAME, "tensorrt": path / ENGINE_NAME, "torch-tensorrt": path / TORCH_TRT_NAME}

@@ -29,7 +29,9 @@ from cmgnet import kernels
 from cmgnet.model import SegmentationModel
 
 from .errors import BackendUnavailableError, DeployError
-from .spec import DeploySpec, file_sha256
+from cmgnet.inference import InferenceRecord
+
+from .spec import file_sha256
 from .trt_engine import (
     EngineMetadata,
     bundle_checks,
@@ -59,19 +61,19 @@ def require_torch_tensorrt() -> ModuleType:
     return torch_tensorrt
 
 
-def example_inputs(spec: DeploySpec, batch: int, device: str | torch.device = "cpu") -> tuple[Tensor, ...]:
+def example_inputs(spec: InferenceRecord, batch: int, device: str | torch.device = "cpu") -> tuple[Tensor, ...]:
     """Inputs of the network's traced signature: image (+ text features and mask) at ``batch``."""
     image = torch.randn(batch, 3, *spec.image_size, device=device)
-    if spec.text is None:
+    if spec.text_model is None:
         return (image,)
-    features = torch.randn(batch, spec.text.max_length, spec.text.hidden_size, device=device)
-    mask = torch.ones(batch, spec.text.max_length, dtype=torch.bool, device=device)
+    features = torch.randn(batch, spec.text_max_length, spec.text_hidden_size, device=device)
+    mask = torch.ones(batch, spec.text_max_length, dtype=torch.bool, device=device)
     return image, features, mask
 
 
 def compile_torch_tensorrt(
     model: SegmentationModel,
-    spec: DeploySpec,
+    spec: InferenceRecord,
     out_path: str | Path,
     *,
     precision: str = "fp16",
@@ -84,7 +86,7 @@ def compile_torch_tensorrt(
 
     Args:
         model: the network.
-        spec: its bundle spec (image size, text encoder).
+        spec: its inference record (image size, text encoder).
         out_path: the ``.ep`` file to write (metadata goes to ``<out_path>.json``).
         precision: ``fp16`` or ``fp32``.
         max_batch: largest batch accepted.
@@ -132,7 +134,7 @@ def compile_torch_tensorrt(
         precision=precision,
         input_shapes=shapes,
         max_batch=max_batch,
-        text_model_id=spec.text.model_id if spec.text else None,
+        text_model_id=spec.text_model,
         spec=spec,
         torch_version=torch.__version__,
         torch_tensorrt_version=torch_tensorrt.__version__,
@@ -191,7 +193,7 @@ class TorchTensorRTRunner:
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor:
         if image.shape[0] > self.max_batch:
             raise DeployError(f"batch {image.shape[0]} exceeds the compiled maximum {self.max_batch}")
-        args = [image] if self.metadata.spec.text is None else [image, text_features, text_mask]
+        args = [image] if self.metadata.spec.text_model is None else [image, text_features, text_mask]
         with torch.inference_mode():
             out = self.module(*[a.cuda(non_blocking=True) for a in args])
         return out.float().cpu()

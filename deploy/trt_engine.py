@@ -35,7 +35,9 @@ import torch
 from torch import Tensor
 
 from .errors import BackendUnavailableError, DeployError, EngineMismatchError
-from .spec import IMAGE_INPUT, ONNX_NAME, OUTPUT_NAME, SPEC_NAME, TEXT_INPUTS, DeploySpec, TextSpec, file_sha256
+from cmgnet.inference import InferenceRecord, record_path
+
+from .spec import IMAGE_INPUT, ONNX_NAME, OUTPUT_NAME, RECORD_NAME, TEXT_INPUTS, file_sha256
 
 MIN_TENSORRT = (10, 0)
 PRECISIONS = ("fp16", "bf16", "fp32", "typed")
@@ -127,7 +129,7 @@ class EngineMetadata:
         input_shapes: per input, ``{"min": [...], "opt": [...], "max": [...]}`` of the profile.
         max_batch: largest batch of the profile.
         text_model_id: text encoder whose features the engine takes (``None``: image-only).
-        spec: the bundle spec (pre/post-processing), so the engine file is self-describing.
+        spec: the bundle's inference record (pre/post-processing), so the engine file is self-describing.
         onnx_sha256: hash of the ONNX file it was built from (``None`` for torch-tensorrt).
         torch_version: PyTorch that saved it (torch-tensorrt programs are tied to it).
         torch_tensorrt_version: torch-tensorrt that compiled it.
@@ -145,7 +147,7 @@ class EngineMetadata:
     input_shapes: dict[str, dict[str, list[int]]]
     max_batch: int
     text_model_id: str | None
-    spec: DeploySpec
+    spec: InferenceRecord
     onnx_sha256: str | None = None
     torch_version: str | None = None
     torch_tensorrt_version: str | None = None
@@ -178,7 +180,7 @@ class EngineMetadata:
             raise DeployError(f"{source}: engine metadata lacks {missing}; {_REBUILD}")
         values = {k: v for k, v in data.items() if k in names}
         try:
-            values["spec"] = DeploySpec.from_json(data["spec"], source)
+            values["spec"] = InferenceRecord.from_json(data["spec"], source)
             values["compute_capability"] = tuple(int(v) for v in data["compute_capability"])
             values["max_batch"] = int(data["max_batch"])
             return cls(**values)
@@ -216,15 +218,17 @@ def metadata_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def _describe_text(text: TextSpec | None) -> str:
-    return "no text" if text is None else f"{text.model_id!r} ({text.max_length} tokens x {text.hidden_size})"
+def _describe_text(record: InferenceRecord) -> str:
+    if record.text_model is None:
+        return "no text"
+    return f"{record.text_model!r} ({record.text_max_length} tokens x {record.text_hidden_size})"
 
 
 def check_engine_metadata(
     meta: EngineMetadata,
     env: EngineEnvironment,
     *,
-    bundle_spec: DeploySpec | None = None,
+    bundle_spec: InferenceRecord | None = None,
     onnx_sha256: str | None = None,
     torch_version: str | None = None,
     source: str | Path = "engine",
@@ -234,7 +238,7 @@ def check_engine_metadata(
     Args:
         meta: the engine's metadata.
         env: this process's TensorRT version and GPU.
-        bundle_spec: the ``deploy.json`` beside the engine, if any: text encoder and image
+        bundle_spec: the record (``inference.json``) beside the engine, if any: text encoder and image
             size must agree (an engine left over from an earlier export would not).
         onnx_sha256: hash of the ``model.onnx`` beside the engine, if any.
         torch_version: this process's PyTorch (checked for torch-tensorrt programs).
@@ -258,12 +262,12 @@ def check_engine_metadata(
     if torch_version is not None and meta.torch_version is not None and meta.torch_version != torch_version:
         problems.append(f"saved with PyTorch {meta.torch_version}, this process has PyTorch {torch_version}")
     if bundle_spec is not None:
-        engine_text, bundle_text = _describe_text(meta.spec.text), _describe_text(bundle_spec.text)
+        engine_text, bundle_text = _describe_text(meta.spec), _describe_text(bundle_spec)
         if engine_text != bundle_text:  # model id, token count and width: what the engine's inputs depend on
-            problems.append(f"takes text features of {engine_text}, but the bundle's {SPEC_NAME} says {bundle_text}")
+            problems.append(f"takes text features of {engine_text}, but the bundle's {RECORD_NAME} says {bundle_text}")
         if tuple(meta.spec.image_size) != tuple(bundle_spec.image_size):
             problems.append(
-                f"built for images {meta.spec.image_size}, the bundle's {SPEC_NAME} says {bundle_spec.image_size}"
+                f"built for images {meta.spec.image_size}, the bundle's {RECORD_NAME} says {bundle_spec.image_size}"
             )
     if onnx_sha256 is not None and meta.onnx_sha256 is not None and meta.onnx_sha256 != onnx_sha256:
         problems.append(f"built from a different {ONNX_NAME} than the one beside it (the ONNX was re-exported)")
@@ -405,7 +409,7 @@ def build_engine(
     env = current_environment(trt)
     _check_precision(trt, precision, env)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    spec = DeploySpec.load(onnx_path.parent / SPEC_NAME)
+    spec = InferenceRecord.read(record_path(onnx_path.parent) or onnx_path.parent / RECORD_NAME)
     shapes = profile_shapes(onnx_input_dims(onnx_path), spec.image_size, max_batch, opt_batch)
 
     logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
@@ -452,7 +456,7 @@ def build_engine(
         precision=precision,
         input_shapes={n: {"min": list(s.min), "opt": list(s.opt), "max": list(s.max)} for n, s in shapes.items()},
         max_batch=max_batch,
-        text_model_id=spec.text.model_id if spec.text else None,
+        text_model_id=spec.text_model,
         spec=spec,
         onnx_sha256=file_sha256(onnx_path),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -470,10 +474,11 @@ def _torch_dtypes(trt: ModuleType) -> dict[Any, torch.dtype]:
     return {getattr(trt, name): dtype for name, dtype in table.items() if hasattr(trt, name)}
 
 
-def bundle_checks(engine_path: Path) -> tuple[DeploySpec | None, str | None]:
-    """The ``deploy.json`` spec and ``model.onnx`` hash beside an engine, where present."""
+def bundle_checks(engine_path: Path) -> tuple[InferenceRecord | None, str | None]:
+    """The record (``inference.json``, or an older ``deploy.json``) and ``model.onnx`` hash beside an engine, where present."""
     folder = engine_path.parent
-    spec = DeploySpec.load(folder / SPEC_NAME) if (folder / SPEC_NAME).is_file() else None
+    found = record_path(folder)
+    spec = InferenceRecord.read(found) if found is not None else None
     sha = file_sha256(folder / ONNX_NAME) if (folder / ONNX_NAME).is_file() else None
     return spec, sha
 
@@ -514,7 +519,7 @@ class TensorRTRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in names}
-        expected = [IMAGE_INPUT, *(TEXT_INPUTS if self.metadata.spec.text else ())]
+        expected = list(self.metadata.spec.input_names)
         if sorted(self.inputs) != sorted(expected) or OUTPUT_NAME not in names:
             raise EngineMismatchError(
                 f"{self.path}: engine tensors {names} are not {expected} -> {OUTPUT_NAME!r}; {_REBUILD}"

@@ -76,7 +76,9 @@ def check_fp16(fp32_dir: Path, fp16_dir: Path, images: list[Path], postprocess: 
 
     from cmgnet.deploy import Segmenter
 
-    masks = [[p.mask for p in Segmenter.load(folder, postprocess=postprocess, tta=tta, force=True).predict(images)]
+    # PyTorch for both: the check compares the weights, and the fp16 copy is not yet where it will live.
+    masks = [[p.mask for p in Segmenter.load(folder, backend="torch", postprocess=postprocess, tta=tta,
+                                             force=True).predict(images)]
              for folder in (fp32_dir, fp16_dir)]
     agree = float(np.mean([(a == b).mean() for a, b in zip(*masks)]))
     if agree < 0.995:

@@ -41,13 +41,15 @@ def test_table_equals_the_evaluation_files_and_resume_skips(data_root, tmp_path,
         assert sorted(row["results"]) == sorted(regimes)  # image-only: evaluated once
         for regime in regimes:
             evaluated = summary[f"test/{regime}"]
-            for convention in ("per_image_mean", "pooled"):
+            for convention in ("per_image_mean", "per_image_ci95", "pooled"):
                 assert row["results"][regime][convention] == evaluated[convention]
         assert row["cost"]["params_M"] > 0 and row["cost"]["gflops"] > 0 and row["cost"]["latency_ms"] > 0
-        # The Markdown table shows the same numbers (in %, 1 decimal) in every regime's table.
+        # The Markdown table shows the same numbers (in %, 1 decimal) and their 95% CIs in every regime's table.
         for regime in ("none", "oracle"):
-            values = summary[f"test/{regimes[0] if row['image_only'] else regime}"]["per_image_mean"]
-            cells = [f"{100 * values[k]:.1f}" for _, k in PAPER_COLUMNS]
+            evaluated = summary[f"test/{regimes[0] if row['image_only'] else regime}"]
+            values, intervals = evaluated["per_image_mean"], evaluated["per_image_ci95"]
+            cells = [f"{100 * values[k]:.1f} [{100 * intervals[k][0]:.1f}, {100 * intervals[k][1]:.1f}]"
+                     for _, k in PAPER_COLUMNS]
             caption = f"text regime '{regime}', per-image-mean"
             table = markdown[markdown.index(caption):].split("\n\n")[0]
             line = next(ln for ln in table.splitlines() if ln.startswith(f"| {row['label']}"))

@@ -1,13 +1,16 @@
-"""Issue 11, part 1: one inference contract from training to serving.
+"""Issue 11, part 1 and issue 20: one inference record from training to serving.
 
 A tiny model is trained at a non-default size (48 px), normalisation (mean 0.5, std 0.25) and
-mask post-processing (largest component + filled holes); checkpoint, exported bundle (ONNX
-Runtime), MLflow pyfunc model and ``cmgnet predict`` must then give the masks ``evaluate``
-scored, without any setting retyped.
+mask post-processing (largest component + filled holes); ``cmgnet evaluate``, the checkpoint
+on PyTorch and on ONNX Runtime (the export cache), the exported bundle, the MLflow pyfunc model
+and ``cmgnet predict`` (both backends) must then give the masks training's evaluation scored,
+without any setting retyped.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +20,7 @@ from PIL import Image
 
 from cmgnet.cli import main as cli_main
 from cmgnet.data.readers import read_dataset
-from cmgnet.deploy import DeploySpec, Segmenter
+from cmgnet.deploy import Segmenter
 from cmgnet.errors import UsageError
 from cmgnet.inference import INFERENCE_NAME, InferenceRecord
 from cmgnet.train import Trainer
@@ -25,6 +28,15 @@ from cmgnet.train.testing import synthetic_dataset, tiny_experiment
 
 SIZE = 48
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """The checkpoint's ONNX Runtime export goes to a cache of this module's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("cache")
+        patch.setenv("CMGNET_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +77,64 @@ def test_the_record_is_written_beside_every_copy_of_the_weights(trained):
     assert record.postprocess == "largest+fill"
     checkpoints = sorted((best.parent / "checkpoints").glob("step-*/model"))
     assert checkpoints and all(InferenceRecord.load(c) == record for c in checkpoints)
-    spec = DeploySpec.load(trained["bundle"] / "deploy.json")  # export was given no size or normalisation
-    assert spec.image_size == (SIZE, SIZE) and spec.mean == MEAN and spec.std == STD and spec.text_regime == "none"
-    assert spec.postprocess == "largest+fill"
+    bundled = InferenceRecord.load(trained["bundle"])  # export was given no size or normalisation
+    assert bundled.image_size == (SIZE, SIZE) and bundled.mean == MEAN and bundled.std == STD
+    assert bundled.text_regime == "none" and bundled.postprocess == "largest+fill"
+    # The bundle's record is the checkpoint's, plus what only a bundle has.
+    same = {f: getattr(bundled, f) for f in ("text_hidden_size", "model", "opset", "text_cache", "network_config")}
+    assert dataclasses.replace(record, **same) == bundled and bundled.opset == 18
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "bundle"])
+SOURCES = {"checkpoint-torch": ("best", "torch"), "checkpoint-onnxruntime": ("best", "auto"),
+           "bundle": ("bundle", "auto")}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
 def test_segmenter_gives_the_evaluated_masks(trained, source):
-    segmenter = Segmenter.load(trained["best"] if source == "checkpoint" else trained["bundle"])
-    assert segmenter.backend == ("torch" if source == "checkpoint" else "onnxruntime")
+    model, backend = SOURCES[source]
+    segmenter = Segmenter.load(trained[model], backend=backend)
+    # On a CPU a checkpoint runs on ONNX Runtime by default (exported once, into the cache).
+    assert segmenter.backend == ("torch" if backend == "torch" else "onnxruntime")
+    assert segmenter.record.image_size == (SIZE, SIZE) and segmenter.record.mean == MEAN
     predictions = segmenter.predict([r.image_path for r in trained["test"]])
     _evaluated_masks_agree(trained, {r.image_id: p.mask for r, p in zip(trained["test"], predictions)})
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "bundle"])
-def test_predict_cli_gives_the_evaluated_masks(trained, tmp_path, source):
-    model = trained["best"] if source == "checkpoint" else trained["bundle"]
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_predict_cli_gives_the_evaluated_masks(trained, tmp_path, source, capsys):
+    model, backend = SOURCES[source]
     out = tmp_path / "out"
     paths = [str(r.image_path) for r in trained["test"]]
-    assert cli_main(["predict", str(model), *paths, "--out", str(out), "--no-progress", "--no-overlays"]) == 0
+    assert cli_main(["predict", str(trained[model]), *paths, "--out", str(out), "--no-progress", "--no-overlays",
+                     "--backend", backend]) == 0
+    assert f"with {'torch' if backend == 'torch' else 'onnxruntime'};" in capsys.readouterr().out
     masks = {r.image_id: np.array(Image.open(out / "masks" / f"{r.image_id}.png")) > 0 for r in trained["test"]}
     _evaluated_masks_agree(trained, masks)
+
+
+def test_evaluate_takes_size_and_normalisation_from_the_record(trained, tmp_path):
+    """A config that says otherwise (64 px, ImageNet statistics, no post-processing) does not change the score."""
+    import yaml
+
+    saved = yaml.safe_load((trained["best"] / "experiment.yaml").read_text())
+    saved["data"] |= {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    saved["eval"] |= {"postprocess": "none", "threshold": 0.3}
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump(saved))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(trained["best"]), "--config", str(config), "--split", "test",
+            "--text-regime", "none", "--no-hd95", "--overlays", "0", "--out", str(out)]
+    assert cli_main(args) == 0
+    metrics = json.loads((out / "test-none" / "metrics.json").read_text())
+    assert metrics["image_size"] == SIZE and metrics["postprocess"] == "largest+fill" and metrics["threshold"] == 0.5
+    [result] = trained["result"].results
+    expected = {r["image_id"]: (r["tp"], r["fp"], r["fn"]) for r in result.rows}
+    with open(out / "test-none" / "per_image.csv") as handle:
+        got = {r["image_id"]: (int(r["tp"]), int(r["fp"]), int(r["fn"])) for r in csv.DictReader(handle)}
+    assert got == expected
+    # An explicit override still wins over the record.
+    assert cli_main([*args, "--overwrite", "data.image_size=64"]) == 0
+    assert json.loads((out / "test-none" / "metrics.json").read_text())["image_size"] == 64
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
@@ -132,7 +181,7 @@ def test_a_contradicting_value_is_refused_unless_forced(trained, tmp_path, capsy
 def test_center_crop_is_applied_and_pasted_back():
     from cmgnet.deploy.runtime import postprocess, preprocess
 
-    spec = DeploySpec(model="cmgnet", image_size=(16, 16), stride=16, center_crop=True)
+    spec = InferenceRecord(model="cmgnet", image_size=(16, 16), stride=16, center_crop=True)
     image = np.zeros((16, 32, 3), dtype=np.uint8)
     image[:, 8:24] = 255  # the centred square is white, the sides black
     x = preprocess([image], spec)
@@ -140,4 +189,4 @@ def test_center_crop_is_applied_and_pasted_back():
     [(probability, mask)] = postprocess(torch.full((1, 1, 16, 16), 5.0), [(16, 32)], 0.5, center_crop=True)
     assert mask[:, 8:24].all() and not mask[:, :8].any() and not mask[:, 24:].any()
     data = json.loads(json.dumps(spec.to_json()))
-    assert DeploySpec.from_json(data).center_crop is True
+    assert InferenceRecord.from_json(data).center_crop is True

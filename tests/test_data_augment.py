@@ -22,8 +22,9 @@ from cmgnet.data.augment import (
 )
 from cmgnet.data.augment.params import BLUR_SIGMA, RGB_SHIFT, crop_box
 from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+from cmgnet.inference import InferenceRecord
 
-SPEC = TransformSpec(size=32, center_crop=False, variants=True, strong=False, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+SPEC = TransformSpec(InferenceRecord(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD), variants=True)
 
 
 def sample(image_id="ISIC_0000001", variant=None):
@@ -98,7 +99,7 @@ def test_center_crop_box_and_non_square_input():
     assert crop_box(30, 40) == (0, 5, 30) and crop_box(41, 30) == (5, 0, 30)
     image = np.zeros((30, 40, 3), np.uint8)
     image[:, :5] = 255  # a stripe the centre crop removes
-    spec = replace(SPEC, center_crop=True)
+    spec = replace(SPEC, record=replace(SPEC.record, center_crop=True))
     x, m = apply_transform(image, np.zeros((30, 40), np.uint8), spec, AugmentParams())
     assert x.shape == (3, 32, 32) and m.shape == (1, 32, 32)
     assert torch.allclose(x[0], torch.full_like(x[0], -IMAGENET_MEAN[0] / IMAGENET_STD[0]), atol=1e-5)
@@ -149,9 +150,8 @@ def assert_dali_matches_torch(spec: TransformSpec, params: list[AugmentParams]) 
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_dali_matches_torch_for_every_variant(center_crop):
     """Both backends, the same fixed variant: equal within interpolation tolerance."""
-    spec = TransformSpec(
-        size=32, center_crop=center_crop, variants=True, strong=True, mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
+    spec = TransformSpec(InferenceRecord(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, center_crop=center_crop),
+                         variants=True, strong=True)
     rng = np.random.default_rng(0)
     params = [variant_params(v, rng) for v in range(NUM_VARIANTS)]
     params[5] = AugmentParams(angle=225.0, blur_sigma=1.0, flip_h=True, brightness=1.1, contrast=0.85, saturation=1.2)
@@ -185,7 +185,7 @@ def test_zoom_and_translation_move_image_and_mask_together():
     image = np.zeros((64, 64, 3), np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     image[24:40, 24:40], mask[24:40, 24:40] = 255, 255  # a centred 16 px square
-    spec = replace(SPEC, size=64)
+    spec = replace(SPEC, record=replace(SPEC.record, image_size=(64, 64)))
     _, zoomed = apply_transform(image, mask, spec, AugmentParams(scale=2.0))
     assert zoomed.sum() == pytest.approx(32 * 32, rel=0.05)
     x, moved = apply_transform(image, mask, spec, AugmentParams(angle=45.0, shift=(0.25, 0.0)))

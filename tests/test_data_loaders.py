@@ -149,6 +149,22 @@ def test_text_regimes_for_train_and_eval(tmp_path):
         build_loader(predicted, "val", 4, train=False)
 
 
+def test_shuffled_regime_gives_each_image_another_images_metadata(isic):
+    cfg = config(isic, "torch", num_workers=0, text_regime_eval="metadata")
+
+    def texts(c, **kw):
+        return {i: t for b in build_loader(c, "test", 2, train=False, **kw) for i, t in zip(b["image_id"], b["text"])}
+
+    own = texts(cfg)
+    shuffled = texts(replace(cfg, text_regime_eval="shuffled"))
+    assert set(shuffled) == set(own) and sorted(shuffled.values()) == sorted(own.values())  # a permutation
+    assert shuffled != own and shuffled == texts(replace(cfg, text_regime_eval="shuffled"))  # fixed seed
+    sharded = {**texts(replace(cfg, text_regime_eval="shuffled"), rank=0, world_size=2),
+               **texts(replace(cfg, text_regime_eval="shuffled"), rank=1, world_size=2)}
+    assert sharded == shuffled  # donors are drawn over the whole split, not per rank
+    assert texts(replace(cfg, text_regime_eval="shuffled", seed=1)) != shuffled
+
+
 def test_map_style_dataset(isic):
     val = SegmentationDataset.from_config(config(isic, "torch"), "val", train=False)
     item = val[0]

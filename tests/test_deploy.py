@@ -21,13 +21,14 @@ from PIL import Image
 
 from cmgnet.cli import main as cli_main
 from cmgnet.data.records import LesionRecord
-from cmgnet.deploy import BackendUnavailableError, DeployError, DeploySpec, Segmenter
+from cmgnet.deploy import BackendUnavailableError, DeployError, Segmenter
 from cmgnet.deploy.export import STANDARD_SENTENCES, _build_tensorrt, log_to_mlflow, verify_onnx
 from cmgnet.deploy.predict import lesion_statistics
 from cmgnet.deploy.runtime import bundle_text_encoder, onnxruntime_session, postprocess, preprocess
-from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, SPEC_NAME, TEXT_CACHE_DIR
+from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, RECORD_NAME, TEXT_CACHE_DIR, file_sha256
 from cmgnet.deploy.trt_engine import onnx_input_dims, profile_shapes
 from cmgnet.errors import UsageError
+from cmgnet.inference import InferenceRecord
 from cmgnet.model import CMGNet
 from cmgnet.text import NEUTRAL_SENTENCE
 from cmgnet.text.pseudo_text import TEMPLATES
@@ -75,13 +76,15 @@ def exported(tmp_path_factory):
 def test_export_writes_a_complete_bundle(exported):
     bundle = exported["bundle"]
     assert exported["rc"] == 0
-    for name in (ONNX_NAME, SPEC_NAME, INT8_ONNX_NAME, "model.int8.agreement.json"):
+    for name in (ONNX_NAME, RECORD_NAME, INT8_ONNX_NAME, "model.int8.agreement.json"):
         assert (bundle / name).is_file(), name
     assert any((bundle / TEXT_CACHE_DIR).iterdir())
     assert not (bundle / ENGINE_NAME).exists()  # no TensorRT here: skipped, not failed
-    spec = DeploySpec.load(bundle / SPEC_NAME)
-    assert spec.image_size == (SIZE, SIZE) and spec.threshold == 0.5 and spec.opset == 18
-    assert spec.text.model_id == "tiny-random-bert" and spec.text.max_length == 24 and spec.text.hidden_size == 32
+    assert not (bundle / "deploy.json").exists()  # one record, one file name
+    record = InferenceRecord.load(bundle)
+    assert record.image_size == (SIZE, SIZE) and record.threshold == 0.5 and record.opset == 18
+    assert record.text_model == "tiny-random-bert" and record.text_max_length == 24 and record.text_hidden_size == 32
+    assert record.model == "cmgnet" and record.text_cache == TEXT_CACHE_DIR and record.network_config["base_width"] == 8
     agreement = json.loads((bundle / "model.int8.agreement.json").read_text())
     assert agreement["images"] == 3 and 0.0 <= agreement["mean_dice"] <= 1.0
 
@@ -99,8 +102,8 @@ def test_onnx_graph_passes_checker_and_has_the_documented_io(exported):
     float_, bool_ = onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL
     assert types == {"image": float_, "text_features": float_, "text_mask": bool_}
     assert [o.name for o in model.graph.output] == ["logits"]
-    embedded = json.loads({p.key: p.value for p in model.metadata_props}["cmgnet.deploy_spec"])
-    assert DeploySpec.from_json(embedded) == DeploySpec.load(exported["bundle"] / SPEC_NAME)
+    embedded = json.loads({p.key: p.value for p in model.metadata_props}["cmgnet.inference"])
+    assert InferenceRecord.from_json(embedded) == InferenceRecord.load(exported["bundle"])
 
 
 @pytest.mark.parametrize("batch,size", [(1, (64, 64)), (2, (64, 64)), (5, (48, 80))])
@@ -110,7 +113,7 @@ def test_onnxruntime_matches_pytorch(exported, batch, size):
     segmenter = Segmenter.from_model(model, image_size=size)
     sentences = [STANDARD_SENTENCES[i % 3] for i in range(batch)]  # different lengths: padding exercised
     features, mask = segmenter.text_inputs(sentences)
-    image = preprocess(_images(batch), segmenter.spec)
+    image = preprocess(_images(batch), segmenter.record)
     with torch.no_grad():
         expected = model(image, features, mask).numpy()
     session = onnxruntime_session(exported["bundle"] / ONNX_NAME)
@@ -122,13 +125,13 @@ def test_onnxruntime_matches_pytorch(exported, batch, size):
 
 
 def test_verify_onnx_catches_a_model_that_changed(exported):
-    spec = DeploySpec.load(exported["bundle"] / SPEC_NAME)
+    record = InferenceRecord.load(exported["bundle"])
     changed = CMGNet(tiny_config()).eval()
     changed.load_state_dict(exported["model"].state_dict())
     with torch.no_grad():
         changed.head.bias += 0.5
     with pytest.raises(DeployError, match="disagrees with PyTorch"):
-        verify_onnx(exported["bundle"] / ONNX_NAME, changed, spec, batch_sizes=(1,))
+        verify_onnx(exported["bundle"] / ONNX_NAME, changed, record, batch_sizes=(1,))
 
 
 def test_profile_shapes_from_the_exported_onnx(exported):
@@ -140,8 +143,7 @@ def test_profile_shapes_from_the_exported_onnx(exported):
 
 
 def test_text_cache_serves_the_standard_sentences(exported):
-    spec = DeploySpec.load(exported["bundle"] / SPEC_NAME)
-    encoder = bundle_text_encoder(spec.text, exported["bundle"])
+    encoder = bundle_text_encoder(InferenceRecord.load(exported["bundle"]), exported["bundle"])
     cached, cached_mask = encoder(list(STANDARD_SENTENCES))
     assert encoder.backbone_calls == 0  # served from the bundle, BERT never ran
     live, live_mask = exported["model"].text_branch.encoder.encode_live(list(STANDARD_SENTENCES))
@@ -156,7 +158,7 @@ def test_mlflow_logging_and_its_failures(exported, tmp_path, capsys, monkeypatch
     run = client.create_run(client.create_experiment("deploy", artifact_location=(tmp_path / "artifacts").as_uri()))
     assert log_to_mlflow(exported["bundle"], run.info.run_id, uri)
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "deploy")}
-    assert {"deploy/model.onnx", "deploy/deploy.json"} <= logged
+    assert {"deploy/model.onnx", "deploy/inference.json"} <= logged
 
     assert not log_to_mlflow(exported["bundle"], "no-such-run", uri)
     assert "could not log the bundle to MLflow run no-such-run" in capsys.readouterr().err
@@ -171,7 +173,7 @@ def test_mlflow_logging_and_its_failures(exported, tmp_path, capsys, monkeypatch
 def test_backends_agree_on_the_same_images(exported):
     images = _images(5)
     texts = [MELANOMA, None, _record(age=55.0, sex="male", site="back"), "A clinician's note.", NEUTRAL_SENTENCE]
-    torch_seg = Segmenter.load(exported["checkpoint"], image_size=SIZE, batch_size=2)
+    torch_seg = Segmenter.load(exported["checkpoint"], image_size=SIZE, batch_size=2, backend="torch")
     ort_seg = Segmenter.load(exported["bundle"], batch_size=3)
     int8_seg = Segmenter.load(exported["bundle"] / INT8_ONNX_NAME)
     assert (torch_seg.backend, ort_seg.backend, int8_seg.backend) == ("torch", "onnxruntime", "onnxruntime")
@@ -217,11 +219,11 @@ def test_text_forms_and_regimes(exported):
 
 
 def test_preprocess_and_postprocess():
-    spec = DeploySpec(model="cmgnet", image_size=(32, 48), stride=16)
+    record = InferenceRecord(image_size=(32, 48), stride=16)
     image = np.full((10, 20, 3), 128, dtype=np.uint8)
-    x = preprocess([image, image[:5]], spec)
+    x = preprocess([image, image[:5]], record)
     assert x.shape == (2, 3, 32, 48)
-    expected = (128 / 255 - np.array(spec.mean)) / np.array(spec.std)
+    expected = (128 / 255 - np.array(record.mean)) / np.array(record.std)
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), expected, rtol=1e-5)
 
     logits = torch.full((1, 1, 4, 4), -3.0)
@@ -239,7 +241,7 @@ def test_load_errors_are_clear(exported, tmp_path):
     with pytest.raises(DeployError, match="PyTorch backend needs the checkpoint"):
         Segmenter.load(exported["bundle"], backend="torch")
     with pytest.raises(DeployError, match="is a PyTorch checkpoint"):
-        Segmenter.load(exported["checkpoint"], backend="onnxruntime")
+        Segmenter.load(exported["checkpoint"], backend="tensorrt")
     with pytest.raises(DeployError, match="onnxruntime model; it cannot run on backend 'tensorrt'"):
         Segmenter.load(exported["bundle"] / ONNX_NAME, backend="tensorrt")
     with pytest.raises(DeployError, match="no model.engine for backend 'tensorrt'"):
@@ -259,6 +261,128 @@ def test_auto_backend_uses_onnxruntime_when_tensorrt_is_missing(exported, tmp_pa
     shutil.copytree(exported["bundle"], bundle)
     (bundle / ENGINE_NAME).write_bytes(b"engine built elsewhere")
     assert Segmenter.load(bundle).backend == "onnxruntime"
+
+
+def test_onnxruntime_runs_all_flip_views_of_a_batch_in_one_call(exported):
+    """8 images x 4 flips in one ONNX Runtime call (chunked to its max batch), the same numbers as one call per view."""
+    images = _images(5, seed=4)
+    batched = Segmenter.load(exported["bundle"], tta=True, force=True, batch_size=4)
+    assert batched.runner.batch_views and batched.batch_size == 4
+    calls = []
+    runner = batched.runner
+
+    class Counting:
+        name, max_batch, batch_views = runner.name, 6, True  # a max batch below 4 x 4 views: chunked
+
+        def __call__(self, image, features, mask):
+            calls.append(image.shape[0])
+            return runner(image, features, mask)
+
+    batched.runner = Counting()
+    got = batched.predict(images, MELANOMA)
+    assert calls == [6, 6, 4, 4]  # 16 views of the first 4 images, then 4 views of the fifth
+    sequential = Segmenter.load(exported["bundle"], tta=True, force=True, batch_size=4)
+    Counting.batch_views = False  # flip_tta's loop: one call per view
+    sequential.runner = Counting()
+    calls.clear()
+    for a, b in zip(got, sequential.predict(images, MELANOMA)):
+        assert np.abs(a.probability - b.probability).max() < 1e-6 and np.array_equal(a.mask, b.mask)
+    assert calls == [4, 4, 4, 4, 1, 1, 1, 1]
+
+
+def _legacy_bundle(bundle, folder):
+    """``bundle`` as `cmgnet export` wrote it before the one record: a version-1 ``deploy.json``."""
+    shutil.copytree(bundle, folder)
+    record = InferenceRecord.load(folder)
+    (folder / RECORD_NAME).unlink()
+    (folder / "deploy.json").write_text(json.dumps({
+        "format": "cmgnet-deploy", "version": 1, "model": "cmgnet", "image_size": list(record.image_size),
+        "stride": record.stride, "mean": list(record.mean), "std": list(record.std), "threshold": record.threshold,
+        "text": {"model_id": record.text_model, "max_length": record.text_max_length,
+                 "hidden_size": record.text_hidden_size, "weights": None, "cache": "text_cache"},
+        "opset": 18, "model_config": {}, "center_crop": False, "text_regime": "metadata", "tta": False,
+        "postprocess": "none"}, indent=2))
+    return folder
+
+
+def test_a_bundle_exported_before_the_record_still_serves(exported, tmp_path):
+    legacy = _legacy_bundle(exported["bundle"], tmp_path / "old")
+    images = _images(3, seed=6)
+    old = Segmenter.load(legacy).predict(images, MELANOMA)
+    new = Segmenter.load(exported["bundle"]).predict(images, MELANOMA)
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(old, new))
+    with pytest.raises(UsageError, match="deploy.json"):  # contradictions name the old file
+        Segmenter.load(legacy, threshold=0.7)
+
+
+@pytest.mark.slow  # two real exports (about 20 s each on two cores)
+def test_a_checkpoint_on_onnxruntime_is_exported_once_per_weights(exported, tmp_path, monkeypatch, capsys):
+    from cmgnet.deploy import cache, export
+
+    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(exported["checkpoint"], checkpoint)
+    exports = []
+    real_export = export.export_bundle
+    monkeypatch.setattr(export, "export_bundle", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    images = _images(4, seed=7)
+    reference = Segmenter.load(checkpoint, backend="torch", image_size=SIZE).predict(images, MELANOMA)
+
+    first = Segmenter.load(checkpoint, image_size=SIZE)  # auto, on a CPU: ONNX Runtime
+    assert first.backend == "onnxruntime" and len(exports) == 1 and "exporting" in capsys.readouterr().err
+    [folder] = cache.onnx_cache_root().iterdir()
+    assert folder.name == file_sha256(checkpoint / "model.safetensors")
+    manifest = json.loads((folder / cache.MANIFEST_NAME).read_text())
+    assert [p["mask_flips"] for p in manifest["parity"]] == [0, 0]  # the export's own parity check ran
+    for a, b in zip(reference, first.predict(images, MELANOMA)):
+        assert a.mask.sum() > 0 and 2 * (a.mask & b.mask).sum() / (a.mask.sum() + b.mask.sum()) >= 0.999
+
+    stamp = (folder / ONNX_NAME).stat().st_mtime_ns
+    second = Segmenter.load(checkpoint, backend="onnxruntime", image_size=SIZE)
+    assert second.backend == "onnxruntime" and len(exports) == 1 and "exporting" not in capsys.readouterr().err
+    assert (folder / ONNX_NAME).stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    model = CMGNet.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.head.bias += 2.0  # new weights: another hash, another export
+    model.save_pretrained(checkpoint)
+    changed = Segmenter.load(checkpoint, image_size=SIZE)
+    assert len(exports) == 2 and len(list(cache.onnx_cache_root().iterdir())) == 2
+    assert sum(p.mask.sum() for p in changed.predict(images, MELANOMA)) > sum(p.mask.sum() for p in reference)
+
+    assert not [p for p in cache.onnx_cache_root().iterdir() if p.name.startswith(".")]  # no temporary left
+
+    stale = manifest | {"torch": "0.0"}  # exported by another PyTorch: not used, replaced by the next export
+    (folder / cache.MANIFEST_NAME).write_text(json.dumps(stale))
+    assert not cache._valid(folder, manifest)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(folder, fresh)
+    (fresh / cache.MANIFEST_NAME).write_text(json.dumps(manifest))
+    cache._move_into_place(fresh, folder, manifest)
+    assert cache._valid(folder, manifest) and not fresh.exists()
+
+
+def test_backend_torch_and_a_failed_export_keep_pytorch(exported, tmp_path, monkeypatch, capsys):
+    from cmgnet.deploy import export
+
+    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
+    assert Segmenter.load(exported["checkpoint"], backend="torch").backend == "torch"
+    assert not (tmp_path / "cache").exists()  # nothing exported for PyTorch
+
+    tries = []
+
+    def unexportable(*args, **kwargs):  # what torch.export raises for a network it cannot trace
+        tries.append(1)
+        raise RuntimeError("Could not guard on data-dependent expression Eq(1, u0)")
+
+    monkeypatch.setattr(export, "export_bundle", unexportable)
+    assert Segmenter.load(exported["checkpoint"]).backend == "torch"  # auto: falls back, saying why
+    err = capsys.readouterr().err
+    assert "running on PyTorch, not ONNX Runtime" in err and "ONNX export failed (RuntimeError: Could not guard" in err
+    [marker] = (tmp_path / "cache" / "onnx").glob("*.failed.json")
+    assert Segmenter.load(exported["checkpoint"]).backend == "torch" and len(tries) == 1  # not tried again
+    with pytest.raises(DeployError, match=f"failed before .*Could not guard.*{marker.name}"):
+        Segmenter.load(exported["checkpoint"], backend="onnxruntime")  # asked for by name: the failure is the answer
 
 
 # ----------------------------------------------------------------------------- predict

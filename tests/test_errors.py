@@ -175,9 +175,9 @@ def test_resume_skips_a_damaged_latest_checkpoint(assets, tmp_path, capsys):
 # ----------------------------------------------------------------------------- bundles and ONNX
 
 BUNDLE_FAULTS = {
-    "1-element mean": ("deploy.json", lambda d: d | {"mean": [0.5]}),
-    "array spec": ("deploy.json", lambda d: [d]),
-    "text null": ("deploy.json", lambda d: d | {"text": None}),  # a text-guided model.onnx: refused at load
+    "1-element mean": ("inference.json", lambda d: d | {"mean": [0.5]}),
+    "array spec": ("inference.json", lambda d: [d]),
+    "text null": ("inference.json", lambda d: d | {"text_model": None}),  # a text-guided model.onnx: refused at load
     "garbage onnx": ("model.onnx", b"this is not an onnx protobuf"),
     "truncated onnx": ("model.onnx", None),
     "corrupt text cache": ("text_cache/tiny-random-bert.safetensors", b"\x01\x02garbage"),
@@ -200,7 +200,7 @@ def test_a_broken_bundle_is_one_line(assets, tmp_path, capsys, fault):
 
 
 def test_an_ep_file_must_match_its_recorded_hash(assets, tmp_path, capsys):
-    from cmgnet.deploy.spec import DeploySpec, file_sha256
+    from cmgnet.deploy.spec import file_sha256
     from cmgnet.deploy.trt_engine import EngineMetadata
 
     bundle = copy(assets["bundle"], tmp_path / "bundle")
@@ -208,7 +208,7 @@ def test_an_ep_file_must_match_its_recorded_hash(assets, tmp_path, capsys):
     program.write_bytes(b"an ExportedProgram zip")
     meta = EngineMetadata(kind="torch-tensorrt", tensorrt_version="10.0", compute_capability=(8, 0), gpu_name="A100",
                           precision="fp16", input_shapes={}, max_batch=4, text_model_id="tiny-random-bert",
-                          spec=DeploySpec.load(bundle / "deploy.json"), artifact_sha256=file_sha256(program))
+                          spec=InferenceRecord.load(bundle), artifact_sha256=file_sha256(program))
     meta.save(bundle / "model_trt.ep.json")
     program.write_bytes(b"a different, tampered file")
     assert cli_main(["predict", str(program), str(assets["image"]), "--out", str(tmp_path / "o"), "--no-progress"]) == 1

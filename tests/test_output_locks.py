@@ -252,15 +252,15 @@ def test_export_refuses_an_existing_bundle_unless_overwrite(assets, tmp_path, ca
     bundle = tmp_path / "bundle"
     args = ["export", str(assets["checkpoint"]), "--out", str(bundle), "--verify-batches", "--tensorrt", "skip"]
     bundle.mkdir()
-    for name in ("deploy.json", "model.onnx", "model.int8.onnx"):  # an earlier export, of another model
+    for name in ("deploy.json", "model.onnx", "model.int8.onnx"):  # an earlier (older) export, of another model
         (bundle / name).write_text(f"the earlier {name}")
     before = snapshot(bundle)
     assert cli_main(args) == 1
     one_error_line(capsys.readouterr().err, bundle, "--overwrite")
     assert snapshot(bundle) == before
     assert cli_main([*args, "--overwrite"]) == 0
-    assert not (bundle / "model.int8.onnx").exists()  # replaced, not merged
-    assert json.loads((bundle / "deploy.json").read_text())["image_size"] == [SIZE, SIZE]
+    assert not (bundle / "model.int8.onnx").exists() and not (bundle / "deploy.json").exists()  # replaced, not merged
+    assert json.loads((bundle / "inference.json").read_text())["image_size"] == [SIZE, SIZE]
     assert not (bundle / LOCK_NAME).exists()
 
 

@@ -14,6 +14,8 @@ from cmgnet.text.pseudo_text import (
     make_sentence,
     normalize_diagnosis,
     patient_clause,
+    shuffled_donors,
+    shuffled_sentences,
 )
 
 
@@ -97,7 +99,9 @@ def test_regimes():
     assert make_sentence(r, "metadata") == "Lesion on the back of a 70-year-old male patient."
     assert make_sentence(r, "predicted", predicted_diagnosis="NV").startswith(TEMPLATES["nevus"])
     assert make_sentence(r, "oracle").startswith(TEMPLATES["melanoma"])
-    assert set(TEXT_REGIMES) == {"none", "metadata", "predicted", "oracle"}
+    assert set(TEXT_REGIMES) == {"none", "metadata", "shuffled", "predicted", "oracle"}
+    with pytest.raises(ValueError, match="shuffled_sentences"):  # a split's regime, not one record's
+        make_sentence(r, "shuffled")
 
 
 def test_nothing_known_gives_neutral_sentence():
@@ -119,3 +123,28 @@ def test_bad_regime_and_missing_prediction():
         make_sentence(record(), "leaky")
     with pytest.raises(ValueError, match="predicted_diagnosis"):
         make_sentence(record("nevus"), "predicted")
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 50])
+def test_shuffled_donors_are_a_reproducible_derangement(n):
+    ids = [f"ISIC_{i:07d}" for i in range(n)]
+    donors = shuffled_donors(ids, seed=3)
+    assert sorted(donors) == ids and sorted(donors.values()) == ids  # a permutation of the images
+    assert all(donors[i] != i for i in ids)  # no image keeps its own sentence
+    assert shuffled_donors(list(reversed(ids)), seed=3) == donors  # fixed by the seed, not the order
+    if n > 3:
+        assert shuffled_donors(ids, seed=4) != donors
+
+
+def test_shuffled_sentences_take_another_images_metadata():
+    records = [record("melanoma", 30 + 10 * i, "male" if i % 2 else "female", f"site{i}") for i in range(6)]
+    ids = [f"img{i}" for i in range(6)]
+    own = [make_sentence(r, "metadata") for r in records]
+    shuffled = shuffled_sentences(records, ids, seed=0)
+    assert sorted(shuffled) == sorted(own) and all(a != b for a, b in zip(shuffled, own))
+    assert shuffled == shuffled_sentences(records, ids, seed=0)
+    assert not any(TEMPLATES["melanoma"] in s for s in shuffled)  # metadata only: no diagnosis leaks in
+    # Samples of one image (fixed variants) share one donor; a one-image split keeps its own.
+    twice = shuffled_sentences([records[0], records[0], records[1]], ["img0", "img0", "img1"], seed=0)
+    assert twice == [own[1], own[1], own[0]]
+    assert shuffled_sentences(records[:1], ids[:1]) == own[:1]

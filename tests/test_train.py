@@ -249,6 +249,38 @@ def test_evaluate_cli_any_split_and_regime(short_run, tmp_path, capsys):
     assert summary["val/metadata"]["n_images"] == 6
 
 
+def test_evaluate_reports_intervals_thresholded_jaccard_and_metadata_minus_shuffled(short_run, tmp_path, capsys):
+    from cmgnet.stats import bootstrap_ci, paired_difference
+    from cmgnet.train.cli import evaluate_main
+    from cmgnet.train.tracking import eval_metrics
+
+    out = tmp_path / "eval"
+    evaluate_main(["--checkpoint", str(short_run.best_dir), "--split", "test", "--text-regime", "shuffled", "metadata",
+                   "--output", str(out), "--overlays", "0"])
+    printed = capsys.readouterr().out
+    assert "95% CI" in printed and "t-jaccard" in printed and "test: metadata - shuffled" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    per_image = {}
+    for regime in ("metadata", "shuffled"):
+        with open(out / f"test-{regime}" / "per_image.csv") as f:
+            per_image[regime] = {r["image_id"]: r for r in csv.DictReader(f)}
+        result = summary[f"test/{regime}"]
+        assert json.loads((out / f"test-{regime}" / "metrics.json").read_text()) == result
+        means, intervals = result["per_image_mean"], result["per_image_ci95"]
+        assert set(intervals) == {"dice", "iou", "thresholded_jaccard", "precision", "recall", "f1", "accuracy", "hd95"}
+        for metric in ("dice", "thresholded_jaccard"):
+            values = [float(per_image[regime][i][metric]) for i in sorted(per_image[regime])]
+            assert means[metric] == pytest.approx(np.mean(values)) and intervals[metric] == list(bootstrap_ci(values))
+        assert all(float(r["thresholded_jaccard"]) in (0.0, float(r["iou"])) for r in per_image[regime].values())
+    paired = summary["test/shuffled"]["paired"]["metadata_minus_shuffled"]
+    dice = {regime: {i: float(r["dice"]) for i, r in rows.items()} for regime, rows in per_image.items()}
+    assert paired["dice"] == paired_difference(dice["metadata"], dice["shuffled"])  # CSV floats round-trip
+    assert paired["dice"]["n_images"] == 5 and "thresholded_jaccard" in paired and "f1" not in paired
+    logged = eval_metrics("test", "shuffled", summary["test/shuffled"])
+    assert logged["eval/test/metadata_minus_shuffled/dice"] == paired["dice"]["difference"]
+    assert "eval/test/shuffled/thresholded_jaccard" in logged and "eval/test/shuffled/dice_ci95_low" in logged
+
+
 def test_evaluate_cli_serves_the_checkpoints_recorded_tta_and_postprocess(short_run, tmp_path, monkeypatch):
     """A model shipped with serving choices made after training is evaluated as predict serves it:
     recorded TTA and post-processing, fp32 whatever precision it was trained in."""

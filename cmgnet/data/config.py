@@ -34,8 +34,8 @@ class DataConfig:
             ``paper`` (24 variants per image, random 8:1:1 split of the variants: leaks) or
             ``paper-grouped`` (same, split by source image: no leak).
         split_csv: CSV with ``image_id, split`` for ``protocol="split-csv"``.
-        text_regime_train: sentence regime for training: ``none``, ``metadata``,
-            ``predicted`` or ``oracle``.
+        text_regime_train: sentence regime for training: ``none``, ``metadata``, ``shuffled``
+            (another image's metadata), ``predicted`` or ``oracle``.
         text_regime_eval: sentence regime for evaluation (name it in every result).
         augment: training augmentation: ``paper`` (random one of the 24 variants),
             ``paper+strong`` (plus flips and colour jitter) or ``none``.

@@ -65,7 +65,7 @@ class _Source:
                 [255.0 * m - s for m, s in zip(spec.mean, params.rgb_shift, strict=True)], dtype=np.float32
             ),
             "index": np.array(index, dtype=np.int64),
-            "resize": np.array(region != (spec.size, spec.size)),
+            "resize": np.array(region != spec.image_size),
             "roi_start": np.array([top, left], dtype=np.float32),  # read only with spec.center_crop
             "roi_end": np.array([top + side, left + side], dtype=np.float32),
             **sample_inputs(params, spec.size),

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from cmgnet.text.pseudo_text import make_sentence
+from cmgnet.inference import record_from_data
+from cmgnet.text.pseudo_text import make_sentence, shuffled_sentences
 
 from .augment.params import TransformSpec, sample_params
 from .augment.torch_ops import apply_transform
@@ -49,18 +50,21 @@ class SplitData:
 
 
 def sentences(
-    samples: Sequence[Sample], regime: str, predicted_diagnoses: Mapping[str, str] | None = None
+    samples: Sequence[Sample], regime: str, predicted_diagnoses: Mapping[str, str] | None = None, seed: int = 0
 ) -> list[str]:
     """The sentence of every sample under a text regime.
 
     Args:
-        samples: the samples.
-        regime: ``none``, ``metadata``, ``predicted`` or ``oracle``.
+        samples: the samples (a whole split: ``shuffled`` draws its donors among them).
+        regime: ``none``, ``metadata``, ``shuffled``, ``predicted`` or ``oracle``.
         predicted_diagnoses: image id -> predicted diagnosis, required by ``predicted``.
+        seed: seed of the ``shuffled`` derangement.
 
     Raises:
         ValueError: ``predicted`` without a prediction for some image.
     """
+    if regime == "shuffled":
+        return shuffled_sentences([s.record for s in samples], [s.record.image_id for s in samples], seed)
     if regime != "predicted":
         return [make_sentence(s.record, regime) for s in samples]
     predictions = predicted_diagnoses or {}
@@ -106,17 +110,14 @@ def prepare_split(
     pinned = any(s.variant is not None for s in samples)
     augmented = train and cfg.augment != "none"
     spec = TransformSpec(
-        size=cfg.image_size,
-        center_crop=cfg.center_crop,
+        record_from_data(cfg),
         variants=pinned or augmented,
         strong=train and cfg.augment == "paper+strong",
-        mean=cfg.mean,
-        std=cfg.std,
         scale=cfg.scale_range if augmented else (1.0, 1.0),
         shift=cfg.shift_range if augmented else 0.0,
     )
     regime = cfg.text_regime_train if train else cfg.text_regime_eval
-    return SplitData(samples, sentences(samples, regime, predicted_diagnoses), spec, train, report.sizes,
+    return SplitData(samples, sentences(samples, regime, predicted_diagnoses, cfg.seed), spec, train, report.sizes,
                      report.converted)
 
 

@@ -204,6 +204,22 @@ def read_encoded(path: Path) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise DataError(f"cannot read file: {error}", path) from None
+    return check_complete(data, path)
+
+
+def check_complete(data: np.ndarray, path: Path | str) -> np.ndarray:
+    """Refuse encoded image bytes that are empty or visibly truncated (see :func:`read_encoded`).
+
+    Args:
+        data: the encoded file as a 1-D ``uint8`` array (a file's content, a request's bytes).
+        path: where the bytes came from (for the message).
+
+    Returns:
+        ``data``.
+
+    Raises:
+        DataError: a JPEG without its end-of-image marker, a PNG without ``IEND``, or no bytes.
+    """
     head, tail = data[:8].tobytes(), data[-_JPEG_TAIL:].tobytes()
     truncated = (head[:2] == b"\xff\xd8" and b"\xff\xd9" not in tail) or (
         head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail[-32:]
@@ -213,21 +229,34 @@ def read_encoded(path: Path) -> np.ndarray:
     return data
 
 
-def decode_image(data: np.ndarray, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: np.ndarray, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side: int = 1,
+                 max_aspect: float | None = None) -> np.ndarray:
     """Decode encoded bytes to RGB as displayed (see :func:`to_array`).
 
     Args:
         data: bytes from :func:`read_encoded`.
         path: the file the bytes came from (for error messages).
         max_pixels: refuse larger images before decoding.
+        min_side: refuse images whose shorter side is below this, before decoding.
+        max_aspect: refuse images whose longer side exceeds this many times the shorter one,
+            before decoding (``None``: any shape).
 
     Returns:
         ``H x W x 3`` ``uint8`` array.
 
     Raises:
-        DataError: undecodable, truncated, oversized or unconvertible image.
+        DataError: undecodable, truncated, oversized, too small, too elongated or unconvertible image.
     """
-    return to_array(_open(io.BytesIO(data.tobytes()), path, max_pixels), path)
+    image = _open(io.BytesIO(data.tobytes()), path, max_pixels)
+    short, long = sorted(image.size)
+    if short < min_side:
+        image.close()
+        raise DataError(f"image is {image.width}x{image.height}, below the {min_side}-pixel minimum side", path)
+    if max_aspect is not None and long > max_aspect * short:
+        image.close()
+        raise DataError(f"image is {image.width}x{image.height}, more elongated than the {max_aspect:g}:1 "
+                        "maximum aspect ratio", path)
+    return to_array(image, path)
 
 
 def decode_mask(data: np.ndarray, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -14,7 +14,7 @@ folders without naming a format:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -112,6 +112,32 @@ def read_metadata_table(path: Path) -> MetadataTable:
             raise DataError(str(error), path, line) from None
         table[image_id] = (entry, path, line)
     return table
+
+
+TEXT_FIELDS: tuple[str, ...] = ("diagnosis", "age", "sex", "site", "description")
+"""What a sentence is made from: the metadata a client may send with one image (``cmgnet serve``)."""
+
+
+def entry_from_mapping(values: Mapping[str, object]) -> MetadataEntry:
+    """One image's metadata from a JSON-like object with keys of :data:`TEXT_FIELDS`.
+
+    Values are read by the CSV cells' parsers (``"age": 55`` and ``"age": "55"`` alike);
+    ``null`` or a missing key means unknown.
+
+    Raises:
+        ValueError: an unknown key, a value that is not a string or number, or a value a
+            parser refuses (an age outside 0..130, an unknown diagnosis, ...).
+    """
+    if unknown := sorted(set(values) - set(TEXT_FIELDS)):
+        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(TEXT_FIELDS)}")
+    entry = MetadataEntry()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{name}: expected a string or a number, got {type(value).__name__}")
+        setattr(entry, name, _COLUMNS[name][1](str(value)))
+    return entry
 
 
 def _csv_files(sources: Iterable[str | Path]) -> list[Path]:

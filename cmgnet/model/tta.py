@@ -32,10 +32,24 @@ def flip_tta(model: nn.Module, image: Tensor, flips: tuple[tuple[int, ...], ...]
         >>> flip_tta(net, torch.zeros(1, 3, 4, 4)).shape
         torch.Size([1, 1, 4, 4])
     """
+    return merge_views([model(view, **forward_kwargs) for view in flip_views(image, flips)], flips)
+
+
+def flip_views(image: Tensor, flips: tuple[tuple[int, ...], ...] = FLIPS) -> list[Tensor]:
+    """The flipped views of ``image``, one per entry of ``flips``."""
+    return [image.flip(dims) if dims else image for dims in flips]
+
+
+def merge_views(logits: list[Tensor], flips: tuple[tuple[int, ...], ...] = FLIPS) -> Tensor:
+    """``logit(mean_v sigmoid(flip_v(logits_v)))``: the views' logits back in place and averaged as probabilities.
+
+    Backends that batch the views into one call (:class:`cmgnet.deploy.Segmenter` on ONNX
+    Runtime) split their output and merge it here, in the same order, so they compute what
+    :func:`flip_tta` computes.
+    """
     prob = None
-    for dims in flips:
-        view = image.flip(dims) if dims else image
-        p = torch.sigmoid(model(view, **forward_kwargs).float())
+    for dims, view in zip(flips, logits, strict=True):
+        p = torch.sigmoid(view.float())
         p = p.flip(dims) if dims else p
         prob = p if prob is None else prob + p
     return torch.logit(prob / len(flips), eps=1e-6)

@@ -10,12 +10,16 @@ ground truth and feeding it at test time leaks the answer:
 
 - ``none``: always the neutral sentence;
 - ``metadata``: age, sex and site only (what a clinic knows before pathology);
+- ``shuffled``: the ``metadata`` sentence of *another* image of the same split (a fixed-seed
+  derangement, :func:`shuffled_donors`): the control that tells whether a model uses its own
+  image's metadata or only the sentence's form;
 - ``predicted``: the template of a diagnosis predicted from the image by the caller;
 - ``oracle``: the template of the ground-truth diagnosis (the paper's setting).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 NEUTRAL_SENTENCE = "Skin lesion."
@@ -84,7 +88,9 @@ TEMPLATES: dict[str, str] = {
     "unknown": NEUTRAL_SENTENCE,
 }
 
-TEXT_REGIMES: tuple[str, ...] = ("none", "metadata", "predicted", "oracle")
+TEXT_REGIMES: tuple[str, ...] = ("none", "metadata", "shuffled", "predicted", "oracle")
+SPLIT_REGIMES: tuple[str, ...] = ("shuffled",)
+"""Regimes whose sentence depends on the other images of the split (built by :func:`shuffled_sentences`)."""
 
 
 class TextSource(Protocol):
@@ -182,11 +188,14 @@ def make_sentence(record: TextSource, regime: str = "oracle", predicted_diagnosi
         :data:`NEUTRAL_SENTENCE`.
 
     Raises:
-        ValueError: unknown regime, ``predicted`` without a prediction, or a diagnosis outside
-            the vocabulary.
+        ValueError: unknown regime, ``shuffled`` (a split's regime: :func:`shuffled_sentences`),
+            ``predicted`` without a prediction, or a diagnosis outside the vocabulary.
     """
     if regime not in TEXT_REGIMES:
         raise ValueError(f"unknown text regime {regime!r}; expected one of {', '.join(TEXT_REGIMES)}")
+    if regime in SPLIT_REGIMES:
+        raise ValueError(f"text regime {regime!r} takes another image's sentence: build a split's with "
+                         "shuffled_sentences()")
     if regime == "none":
         return NEUTRAL_SENTENCE
     if record.description and record.description.strip():
@@ -198,3 +207,40 @@ def make_sentence(record: TextSource, regime: str = "oracle", predicted_diagnosi
             raise ValueError("text regime 'predicted' needs predicted_diagnosis (the image classifier's output)")
         return _compose(predicted_diagnosis, record)
     return _compose(record.diagnosis, record)
+
+
+def shuffled_donors(image_ids: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """Which image lends its sentence to which: a seeded random derangement of the distinct ids.
+
+    The distinct ids are sorted (the result does not depend on their order), permuted with
+    ``numpy.random.default_rng(seed)``, and each takes the next one's along that cycle: with
+    two or more images no image is its own donor.
+
+    Args:
+        image_ids: the split's image ids (repeats, e.g. fixed variants of one image, allowed).
+        seed: seed of the permutation.
+
+    Returns:
+        ``{image id: donor image id}``.
+    """
+    import numpy as np
+
+    ids = sorted(set(map(str, image_ids)))
+    cycle = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    return {image: cycle[(i + 1) % len(cycle)] for i, image in enumerate(cycle)}
+
+
+def shuffled_sentences(records: Sequence[TextSource], image_ids: Sequence[str], seed: int = 0) -> list[str]:
+    """The ``shuffled`` regime: each record gets the ``metadata`` sentence of its donor image.
+
+    Args:
+        records: one per sample (several samples may share a record).
+        image_ids: each record's image id (the derangement is over distinct images).
+        seed: seed of :func:`shuffled_donors`.
+
+    Returns:
+        One sentence per record.
+    """
+    by_id = dict(zip(map(str, image_ids), records, strict=True))
+    donors = shuffled_donors(list(by_id), seed)
+    return [make_sentence(by_id[donors[str(i)]], "metadata") for i in image_ids]

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from cmgnet.errors import cli_entry, one_line
 from cmgnet.inference import POSTPROCESS_MODES
-
-TEXT_REGIMES = ("none", "metadata", "predicted", "oracle")
+from cmgnet.text.pseudo_text import TEXT_REGIMES
 
 
 def setup_logging() -> None:
@@ -107,19 +106,17 @@ def _find_config(checkpoint: Path) -> Path | None:
     return None
 
 
-def _serving_choices(weights: Path, args: argparse.Namespace, overridden: set[str]) -> dict:
-    """``eval.tta``/``eval.postprocess`` as the weights are served (a shipped model may have been
-    given them after training): the inference record's, unless a flag or override sets them."""
-    from cmgnet.inference import InferenceRecord
+def _as_served(cfg, weights: Path, args: argparse.Namespace, overridden: set[str]):
+    """``cfg`` scoring the weights as they are served: size, normalisation, crop, threshold, TTA and
+    post-processing from their inference record (a shipped model may have been given TTA or
+    post-processing after training), unless a flag or an override sets them."""
+    from cmgnet.inference import EXPERIMENT_KEYS, InferenceRecord, experiment_as_served
 
     record = InferenceRecord.load(weights)
-    choices = {}
-    for key, flag in (("tta", args.tta), ("postprocess", args.postprocess)):
-        if flag is not None:
-            choices[key] = flag
-        elif record is not None and f"eval.{key}" not in overridden:
-            choices[key] = getattr(record, key)
-    return choices
+    if record is not None:
+        cfg = experiment_as_served(cfg, record, keep=[k for k in EXPERIMENT_KEYS.values() if k in overridden])
+    flags = {key: flag for key, flag in (("tta", args.tta), ("postprocess", args.postprocess)) if flag is not None}
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **flags)) if flags else cfg
 
 
 def _find_weights(checkpoint: Path) -> Path:
@@ -154,7 +151,8 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     parser.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation on or off (default: as the checkpoint is served, "
-                             "from its inference.json; else the config's eval.tta)")
+                             "from its inference.json like the image size, normalisation and threshold; "
+                             "else the config's eval.tta)")
     parser.add_argument("--postprocess", choices=POSTPROCESS_MODES, default=None,
                         help="mask post-processing: largest connected component and/or filled holes "
                              "(default: as the checkpoint is served, from its inference.json; else the "
@@ -176,12 +174,12 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     if args.no_hd95:
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
     overridden = {item.split("=", 1)[0] for item in args.overrides}
-    eval_cfg = dataclasses.replace(eval_cfg, **_serving_choices(weights, args, overridden))
     if "train.mixed_precision" not in overridden:
         # Serving (Segmenter, predict, the pyfunc model) computes in fp32: score the masks it gives,
         # not the training autocast's (bf16 moved a third of the ISIC test masks by a few pixels).
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision="no"))
     cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    cfg = _as_served(cfg, weights, args, overridden)
     if args.print_config:
         return _print_config(cfg)
     setup_logging()

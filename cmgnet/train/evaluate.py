@@ -25,17 +25,32 @@ from PIL import Image
 from torch import nn
 
 from cmgnet.data.csvfiles import spreadsheet_safe
-from cmgnet.metrics import CONVENTIONS, COUNT_KEYS, EMPTY_CONVENTION, METRICS, per_image_rows, summarize
+from cmgnet.metrics import (
+    CONVENTIONS,
+    COUNT_KEYS,
+    EMPTY_CONVENTION,
+    METRICS,
+    PER_IMAGE_ONLY,
+    per_image_rows,
+    summarize,
+)
 
 from cmgnet.model.postprocess import clean_masks
 from cmgnet.model.tta import flip_tta
 from cmgnet.outputs import writing
+from cmgnet.stats import BOOTSTRAP, format_paired, paired_differences
 
 from .config import ExperimentConfig
 from .data import LoaderSource
 from .diagnosis import diagnosis_report, vote
 
-TABLE_METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "f1", "accuracy", "hd95")
+TABLE_METRICS: tuple[str, ...] = ("dice", "iou", "thresholded_jaccard", "precision", "recall", "f1", "accuracy",
+                                   "hd95")
+TABLE_HEADS: dict[str, str] = {"hd95": "hd95(px)", "thresholded_jaccard": "t-jaccard"}
+PAIRED_REGIMES: tuple[tuple[str, str], ...] = (("metadata", "shuffled"),)
+"""``(a, b)`` text regimes compared image by image whenever a split is evaluated in both: the
+``b`` result's summary gets ``paired["<a>_minus_<b>"]`` (metadata minus shuffled: does the model
+use its own image's metadata?)."""
 
 
 @dataclass
@@ -194,6 +209,9 @@ def predict_rows(
 def format_table(results: Sequence[EvalResult], convention: str = "per_image_mean") -> str:
     """A fixed-width table, one row per result, metrics in percent (HD95 in pixels).
 
+    Per-image means have their 95% bootstrap interval on a ``95% CI`` line under the result,
+    and the paired comparisons of :data:`PAIRED_REGIMES` follow the table.
+
     Args:
         results: evaluations to show.
         convention: ``per_image_mean`` or ``pooled`` (named in the header).
@@ -201,24 +219,37 @@ def format_table(results: Sequence[EvalResult], convention: str = "per_image_mea
     Returns:
         The table text (with a header naming the convention).
     """
-    metrics = [m for m in TABLE_METRICS if convention == "per_image_mean" or m != "hd95"]
-    head = ["split/text", "n"] + [m if m != "hd95" else "hd95(px)" for m in metrics]
+    per_image = convention == "per_image_mean"
+    metrics = [m for m in TABLE_METRICS if per_image or m not in PER_IMAGE_ONLY]
+    head = ["split/text", "n"] + [TABLE_HEADS.get(m, m) for m in metrics]
+
+    def number(v: Any, m: str) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        return f"{v:.2f}" if m == "hd95" else f"{100 * v:.2f}"
+
     lines = []
     for r in results:
         values = r.summary[convention]
-        cells = [r.label, str(r.summary["n_images"])]
-        for m in metrics:
-            v = values.get(m, math.nan)
-            cells.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else
-                         (f"{v:.2f}" if m == "hd95" else f"{100 * v:.2f}"))
-        lines.append(cells)
+        lines.append([r.label, str(r.summary["n_images"]), *(number(values.get(m, math.nan), m) for m in metrics)])
+        intervals = r.summary.get("per_image_ci95") if per_image else None
+        if intervals:
+            lines.append(["  95% CI", "", *("-".join(number(v, m) for v in intervals[m]) if m in intervals else ""
+                                            for m in metrics)])
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
 
     def fmt(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
-    title = f"[{convention}: {CONVENTIONS[convention]}; metrics in %]"
-    return "\n".join([title, fmt(head), *(fmt(c) for c in lines)])
+    title = f"[{convention}: {CONVENTIONS[convention]}; metrics in %"
+    if per_image and any(r.summary.get("per_image_ci95") for r in results):
+        title += f"; 95% CI: {BOOTSTRAP['method']}, {BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}"
+    table = "\n".join([title + "]", fmt(head), *(fmt(c) for c in lines)])
+    paired = {f"{r.split}: {name.replace('_minus_', ' - ')}": d for r in results
+              for name, d in r.summary.get("paired", {}).items()}
+    if per_image and paired:
+        table += "\n" + format_paired(paired, percent=[m for m in METRICS if m != "hd95"])
+    return table
 
 
 def write_result(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
@@ -262,6 +293,23 @@ def build_result(rows: list[dict[str, Any]], split: str, text_regime: str, with_
     """Summarise gathered rows into an :class:`EvalResult` (``info`` goes into the JSON)."""
     info = {"per_image_metrics": "per_image.csv", "empty_masks": EMPTY_CONVENTION, **info}
     return EvalResult(split, text_regime, summarize(rows, with_hd95=with_hd95), rows, info)
+
+
+def add_paired(results: Sequence[EvalResult]) -> None:
+    """Compare the regimes of :data:`PAIRED_REGIMES` image by image, in place.
+
+    For each ``(a, b)`` pair evaluated on the same split, ``b``'s summary gets
+    ``paired["<a>_minus_<b>"] = {metric: {"n_images", "mean_a", "mean_b", "difference", "ci95"}}``
+    for every per-image metric (:func:`cmgnet.stats.paired_difference`).
+    """
+    by_key = {(r.split, r.text_regime): r for r in results}
+    for a, b in PAIRED_REGIMES:
+        for (split, regime), result in by_key.items():
+            if regime == b and (split, a) in by_key:
+                # F1 is Dice for binary masks; HD95 only where it was computed
+                metrics = [m for m in METRICS if m != "f1" and m in result.summary["per_image_mean"]]
+                result.summary.setdefault("paired", {})[f"{a}_minus_{b}"] = paired_differences(
+                    by_key[split, a].rows, result.rows, metrics)
 
 
 @torch.no_grad()
@@ -313,7 +361,7 @@ class Evaluator:
 
         Args:
             split: split name.
-            text_regime: ``none``, ``metadata``, ``predicted`` or ``oracle``.
+            text_regime: ``none``, ``metadata``, ``shuffled``, ``predicted`` or ``oracle``.
             with_hd95: compute HD95.
             overlay_dir: write ``eval.overlays`` overlay PNGs there (``None``: none).
             tta: flip test-time augmentation.
@@ -347,7 +395,8 @@ class Evaluator:
         """Evaluate every split x regime; write ``<out_root>/<split>-<regime>/`` and ``summary.json``.
 
         A split the dataset does not have is skipped with a message; so is ``predicted``
-        without a classifier.
+        without a classifier. A split evaluated in both regimes of a :data:`PAIRED_REGIMES` pair
+        gets their paired comparison (:func:`add_paired`).
 
         Returns:
             The results, in order.
@@ -363,16 +412,20 @@ class Evaluator:
                 if main:
                     log(f"skipping split {split!r}: {err}")
                 continue
+            done: list[EvalResult] = []
             for regime in text_regimes:
                 if regime == "predicted" and self.classifier is None:
                     if main:
                         log("skipping text regime 'predicted': no diagnosis classifier")
                     continue
                 out = out_root / f"{split}-{regime}" if out_root is not None else None
-                result = self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95, tta=self.cfg.eval.tta,
-                                       overlay_dir=out / "overlays" if out else None, **info)
-                results.append(result)
-                if main and out is not None:
+                done.append(self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95, tta=self.cfg.eval.tta,
+                                          overlay_dir=out / "overlays" if out else None, **info))
+            add_paired(done)
+            results += done
+            if main and out_root is not None:  # written once the split's pairs are compared
+                for result in done:
+                    out = out_root / f"{split}-{result.text_regime}"
                     with writing(out, "the evaluation"):
                         write_result(result, out)
         if main and out_root is not None and results:

@@ -53,6 +53,8 @@ class CMGNetPyfunc(mlflow.pyfunc.PythonModel):
         """Open the logged ``checkpoint`` artifact with its inference contract (safetensors + JSON)."""
         from cmgnet.deploy.runtime import Segmenter
 
+        # PyTorch, the logged checkpoint as it is: a model server writes no ONNX export cache (same predictor,
+        # same record and preprocessing as `cmgnet predict`).
         self.segmenter = Segmenter.load(context.artifacts["checkpoint"], backend="torch", device="cpu")
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - no hints, see above

@@ -14,8 +14,11 @@ sqlite:///runs/mlflow.db``).
 Names. Per optimiser step: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/epoch``
 (1-based, as in the log). Per epoch: ``epoch/train_loss``, ``epoch/time_s``. Validation:
 ``val/<metric>`` (per-image mean, in ``data.text_regime_eval``) and ``val/best_dice``. Final
-evaluation of the best weights: ``eval/<split>/<regime>/<metric>`` (per-image mean) and
-``eval/<split>/<regime>/pooled/<metric>``. F1 is not logged: for binary masks it is Dice.
+evaluation of the best weights: ``eval/<split>/<regime>/<metric>`` (per-image mean; metrics
+include ``thresholded_jaccard``), its 95% bootstrap interval ``.../<metric>_ci95_low`` and
+``_ci95_high``, ``eval/<split>/<regime>/pooled/<metric>``, and paired comparisons
+``eval/<split>/<a>_minus_<b>/<metric>`` (with ``_ci95_low``/``_ci95_high``; e.g.
+``metadata_minus_shuffled``). F1 is not logged: for binary masks it is Dice.
 Parameters are the flattened config with values written as YAML/JSON scalars (``null``,
 ``true``, ``[16, 8]``), plus ``runtime.*``.
 """
@@ -75,11 +78,20 @@ def eval_metrics(split: str, text_regime: str, summary: Mapping[str, Mapping[str
     Args:
         split: evaluated split.
         text_regime: its text regime.
-        summary: ``{"per_image_mean": {...}, "pooled": {...}}`` (an ``EvalResult.summary``).
+        summary: ``{"per_image_mean": {...}, "per_image_ci95": {...}, "pooled": {...}, "paired": {...}}``
+            (an ``EvalResult.summary``; the interval and paired entries are optional).
     """
     prefix = f"eval/{split}/{text_regime}"
     out = {f"{prefix}/{k}": v for k, v in summary.get("per_image_mean", {}).items() if k not in UNLOGGED_METRICS}
+    for k, (low, high) in summary.get("per_image_ci95", {}).items():
+        if k not in UNLOGGED_METRICS:
+            out.update({f"{prefix}/{k}_ci95_low": low, f"{prefix}/{k}_ci95_high": high})
     out.update({f"{prefix}/pooled/{k}": v for k, v in summary.get("pooled", {}).items() if k not in UNLOGGED_METRICS})
+    for name, metrics in summary.get("paired", {}).items():
+        for k, d in metrics.items():
+            low, high = d["ci95"]
+            out.update({f"eval/{split}/{name}/{k}": d["difference"], f"eval/{split}/{name}/{k}_ci95_low": low,
+                        f"eval/{split}/{name}/{k}_ci95_high": high})
     return out
 
 

@@ -44,9 +44,10 @@ logger = logging.getLogger("cmgnet.train")
 
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("IoU", "iou"), ("Dice", "dice"), ("Precision", "precision"), ("Recall", "recall"), ("F1", "f1"),
-    ("ACC", "accuracy"),
+    ("ACC", "accuracy"), ("Thr. Jaccard", "thresholded_jaccard"),
 )
-"""Table columns (paper tables 1-3 use IoU, Dice, Precision, Recall and F1 or ACC) -> metric keys."""
+"""Table columns (paper tables 1-3 use IoU, Dice, Precision, Recall and F1 or ACC; the ISIC 2017
+challenge ranks by thresholded Jaccard, a per-image metric only) -> metric keys."""
 
 IMAGE_ONLY_MARK = "†"
 
@@ -271,6 +272,13 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * value:.{digits}f}"
 
 
+def _with_ci(value: Any, interval: Sequence[float] | None, scale: float = 100.0) -> str:
+    """``88.1 [86.9, 89.2]``: a per-image mean and its 95% interval (the mean alone without one)."""
+    if not interval or value is None or (isinstance(value, float) and math.isnan(value)):
+        return _fmt(value, scale)
+    return f"{_fmt(value, scale)} [{_fmt(interval[0], scale)}, {_fmt(interval[1], scale)}]"
+
+
 def row_metrics(row: Mapping[str, Any], regime: str) -> Mapping[str, Any] | None:
     """A row's evaluation in ``regime`` (an image-only row's single evaluation stands for every regime)."""
     results = row.get("results", {})
@@ -285,8 +293,12 @@ def results_table(rows: Sequence[Mapping[str, Any]], convention: str, text_regim
                   title: str = "Comparison", cost: bool = True) -> str:
     """The paper's table shape: ``Network | IoU | Dice | Precision | Recall | F1 | ACC`` in percent (+ cost).
 
+    Per-image means are followed by their 95% bootstrap interval, ``88.1 [86.9, 89.2]``; the
+    pooled table leaves out the per-image-only thresholded Jaccard.
+
     Args:
-        rows: rows of :func:`run_variants` (``results[regime][convention]`` metrics).
+        rows: rows of :func:`run_variants` (``results[regime][convention]`` metrics,
+            ``results[regime]["per_image_ci95"]`` intervals).
         convention: ``per_image_mean`` or ``pooled`` (named in the caption).
         text_regime: the regime shown.
         split: the split evaluated (named in the caption).
@@ -296,16 +308,20 @@ def results_table(rows: Sequence[Mapping[str, Any]], convention: str, text_regim
     Returns:
         A Markdown table with a caption line.
     """
+    from cmgnet.metrics import PER_IMAGE_ONLY
+
     size = next((r["cost"]["cost_size"] for r in rows if r.get("cost")), 256)
-    head = ["Network", *(c for c, _ in PAPER_COLUMNS)]
+    columns = [(c, k) for c, k in PAPER_COLUMNS if convention == "per_image_mean" or k not in PER_IMAGE_ONLY]
+    head = ["Network", *(c for c, _ in columns)]
     if cost:
         head += ["Params (M)", f"GFLOPs@{size}", "CPU ms (b=1)"]
     body = []
     for row in rows:
         result = row_metrics(row, text_regime)
         values = (result or {}).get(convention) or {}
+        intervals = ((result or {}).get("per_image_ci95") or {}) if convention == "per_image_mean" else {}
         label = row["label"] + (f" {IMAGE_ONLY_MARK}" if row.get("image_only") else "")
-        cells = [label, *(_fmt(values.get(k), 100.0) for _, k in PAPER_COLUMNS)]
+        cells = [label, *(_with_ci(values.get(k), intervals.get(k)) for _, k in columns)]
         if cost:
             c = row.get("cost") or {}
             cells += [_fmt(c.get("params_M"), digits=2), _fmt(c.get("gflops"), digits=2), _fmt(c.get("latency_ms"))]
@@ -315,7 +331,8 @@ def results_table(rows: Sequence[Mapping[str, Any]], convention: str, text_regim
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    caption = f"{title} ({split} split, text regime '{text_regime}', {convention.replace('_', '-')} metrics in %)"
+    caption = f"{title} ({split} split, text regime '{text_regime}', {convention.replace('_', '-')} metrics in %"
+    caption += ", [95% CI])" if convention == "per_image_mean" else ")"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([caption, line(head), rule, *(line(b) for b in body)])
 
@@ -335,11 +352,13 @@ def budget_text(cfg: ExperimentConfig, budget_minutes: float | None) -> str:
 
 def report_markdown(report: Mapping[str, Any], title: str, cost: bool = True) -> str:
     """The whole ``<kind>.md``: recipe, then one table per text regime and convention, then notes."""
-    rows, split = report["rows"], report["split"]
+    rows, split, boot = report["rows"], report["split"], report["bootstrap"]
     lines = [f"# {title}", "", f"- data: {report['data']}", f"- recipe: {report['recipe']}",
              f"- budget: {report['budget']}",
              f"- conventions: per-image = {report['conventions']['per_image_mean']}; "
-             f"pooled = {report['conventions']['pooled']}"]
+             f"pooled = {report['conventions']['pooled']}",
+             f"- 95% CI of per-image means: {boot['method']}, {boot['resamples']} resamples, seed {boot['seed']}; "
+             "Thr. Jaccard = the ISIC 2017 challenge metric (per-image IoU, 0 below 0.65)"]
     if cost:
         c = next((r["cost"] for r in rows if r.get("cost")), None)
         if c:
@@ -372,7 +391,8 @@ def _read_summary(run_dir: Path, split: str) -> dict[str, Any]:
         return {}
     summary = json.loads(path.read_text())
     return {v["text_regime"]: {"per_image_mean": v["per_image_mean"], "pooled": v["pooled"],
-                               "n_images": v["n_images"], "file": str(path)}
+                               "per_image_ci95": v.get("per_image_ci95", {}), "n_images": v["n_images"],
+                               "file": str(path)}
             for v in summary.values() if v.get("split") == split}
 
 
@@ -412,6 +432,7 @@ def run_variants(
     """
     from cmgnet.metrics import CONVENTIONS
     from cmgnet.outputs import lock_on_main
+    from cmgnet.stats import BOOTSTRAP
 
     from .config import to_dict
     from .data import DataModule
@@ -498,7 +519,8 @@ def run_variants(
                                                   allow_nan=True) + "\n")
                 parent.log_metrics({f"{variant.key}.{reg}.{conv}.{m}": res[conv][m]
                                     for reg, res in row["results"].items() for conv in ("per_image_mean", "pooled")
-                                    for m in ("dice", "iou", "precision", "recall", "accuracy")
+                                    for m in ("dice", "iou", "thresholded_jaccard", "precision", "recall",
+                                              "accuracy")
                                     if m in res[conv]})
             rows.append(row)
         status = "FINISHED"
@@ -511,7 +533,7 @@ def run_variants(
                             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_epochs:g} warm-up epochs, "
                             f"loss {cfg.loss.dice_weight:g} Dice + {cfg.loss.bce_weight:g} BCE, seed {cfg.train.seed}, "
                             f"{describe_setup(accelerator, resolve_precision(cfg).reason)}",
-                  "conventions": CONVENTIONS, "rows": rows}
+                  "conventions": CONVENTIONS, "bootstrap": BOOTSTRAP, "rows": rows}
         if len(regimes) == 1:
             report["text_regime"] = regimes[0]
         json_path, md_path = out / f"{kind}.json", out / f"{kind}.md"

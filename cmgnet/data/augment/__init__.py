@@ -11,10 +11,10 @@ from cmgnet._lazy import lazy_exports
 from .params import AUGMENTS, NUM_VARIANTS, AugmentParams, TransformSpec, sample_params, variant_params
 
 if TYPE_CHECKING:
-    from .torch_ops import apply_transform
+    from .torch_ops import apply_transform, preprocess_image
 
 # torch loads with the first transform, not with the config's list of augment names.
-__getattr__, __dir__ = lazy_exports(__name__, {"apply_transform": ".torch_ops"})
+__getattr__, __dir__ = lazy_exports(__name__, {"apply_transform": ".torch_ops", "preprocess_image": ".torch_ops"})
 
 __all__ = [
     "AUGMENTS",
@@ -22,6 +22,7 @@ __all__ = [
     "AugmentParams",
     "TransformSpec",
     "apply_transform",
+    "preprocess_image",
     "sample_params",
     "variant_params",
 ]

@@ -85,10 +85,10 @@ def sample_inputs(params: AugmentParams, size: int) -> dict[str, np.ndarray]:
 
 
 def _geometry(x: DataNode, spec: TransformSpec, inputs: dict[str, DataNode], mask: bool) -> DataNode:
-    """Resize to ``size x size``, reading only the crop box when ``spec.center_crop``."""
+    """Resize to the record's image size, reading only the crop box when ``spec.center_crop``."""
     interp = types.INTERP_NN if mask else types.INTERP_LINEAR
     roi = {"roi_start": inputs["roi_start"], "roi_end": inputs["roi_end"]} if spec.center_crop else {}
-    return fn.resize(x, size=[spec.size, spec.size], interp_type=interp, antialias=not mask, **roi)
+    return fn.resize(x, size=list(spec.image_size), interp_type=interp, antialias=not mask, **roi)
 
 
 @pipeline_def(enable_conditionals=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from cmgnet.inference import InferenceRecord
+
 from ..records import Sample
 
 NUM_ROTATIONS = 8
@@ -39,23 +41,19 @@ class TransformSpec:
     """What a loader's transform does, fixed when the loader is built.
 
     Args:
-        size: output height and width.
-        center_crop: take the centred square (:func:`crop_box`) before resizing, keeping
-            the aspect ratio; otherwise the whole image is resized to ``size x size``.
+        record: the preprocessing (image size, centre crop, normalisation): the model's
+            :class:`~cmgnet.inference.InferenceRecord`, so evaluation transforms images exactly
+            as serving does. With ``center_crop`` the centred square (:func:`crop_box`) is
+            taken before resizing, keeping the aspect ratio; otherwise the whole image is resized.
         variants: rotations, blur and RGB shift may occur (training, or fixed paper variants).
         strong: flips and colour jitter may occur (``augment="paper+strong"`` in training).
-        mean: per-channel mean of images scaled to 0..1.
-        std: per-channel standard deviation of images scaled to 0..1.
         scale: range of the random zoom factor (drawn log-uniformly; ``(1, 1)``: no zoom).
         shift: largest random translation, as a fraction of the side, per axis (0: none).
     """
 
-    size: int
-    center_crop: bool
-    variants: bool
-    strong: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    record: InferenceRecord
+    variants: bool = False
+    strong: bool = False
     scale: tuple[float, float] = (1.0, 1.0)
     shift: float = 0.0
 
@@ -63,6 +61,35 @@ class TransformSpec:
     def affine(self) -> bool:
         """Zoom or translation may occur (the general warp, not only rotations)."""
         return self.scale != (1.0, 1.0) or self.shift > 0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Output ``(height, width)``."""
+        return self.record.image_size
+
+    @property
+    def size(self) -> int:
+        """Output side of the square images the augmentations (rotations, warps) work on.
+
+        Raises:
+            ValueError: the record's image is not square.
+        """
+        height, width = self.record.image_size
+        if height != width:
+            raise ValueError(f"augmentation needs a square image size, got {height} x {width}")
+        return height
+
+    @property
+    def center_crop(self) -> bool:
+        return self.record.center_crop
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.record.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.record.std
 
 
 @dataclass(frozen=True)

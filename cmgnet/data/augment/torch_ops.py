@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmgnet.inference import InferenceRecord
+
 from .params import AugmentParams, TransformSpec, blur_radius, color_matrix, crop_box, warp_matrix
 
 
@@ -24,12 +26,12 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mask: bool) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
-def geometry(x: torch.Tensor, spec: TransformSpec, mask: bool) -> torch.Tensor:
-    """Resize ``1 x C x H x W`` to ``size x size`` (after the centred square crop if ``spec.center_crop``)."""
-    if spec.center_crop:
+def geometry(x: torch.Tensor, record: InferenceRecord, mask: bool) -> torch.Tensor:
+    """Resize ``1 x C x H x W`` to the record's image size (after the centred square crop if ``record.center_crop``)."""
+    if record.center_crop:
         top, left, side = crop_box(x.shape[-2], x.shape[-1])
         x = x[..., top : top + side, left : left + side]
-    return _resize(x, (spec.size, spec.size), mask)
+    return _resize(x, tuple(record.image_size), mask)
 
 
 def warp(x: torch.Tensor, params: AugmentParams, mask: bool) -> torch.Tensor:
@@ -79,13 +81,36 @@ def color_jitter(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     return (torch.einsum("ij,bjhw->bihw", matrix, x) + offset.view(1, 3, 1, 1)).clamp(0, 255)
 
 
-def normalize(x: torch.Tensor, spec: TransformSpec, rgb_shift: tuple[float, float, float]) -> torch.Tensor:
+def normalize(x: torch.Tensor, record: InferenceRecord, rgb_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+              ) -> torch.Tensor:
     """``((x + shift) / 255 - mean) / std`` per channel, ``x`` in 0..255."""
-    offset = torch.tensor([255 * m - s for m, s in zip(spec.mean, rgb_shift, strict=True)], dtype=x.dtype).view(
+    offset = torch.tensor([255 * m - s for m, s in zip(record.mean, rgb_shift, strict=True)], dtype=x.dtype).view(
         1, 3, 1, 1
     )
-    scale = torch.tensor([255 * s for s in spec.std], dtype=x.dtype).view(1, 3, 1, 1)
+    scale = torch.tensor([255 * s for s in record.std], dtype=x.dtype).view(1, 3, 1, 1)
     return (x - offset) / scale
+
+
+def _as_tensor(pixels: np.ndarray) -> torch.Tensor:
+    # from_numpy needs writable memory; np.require copies only arrays that are not.
+    return torch.from_numpy(np.require(pixels, requirements=("C", "W")))
+
+
+def preprocess_image(image: np.ndarray, record: InferenceRecord) -> torch.Tensor:
+    """The evaluation transform of one decoded image: crop, resize and normalise as the record says.
+
+    What evaluation loaders give the network (:func:`apply_transform` with no augmentation
+    computes exactly this) and what serving gives it (:func:`cmgnet.deploy.runtime.preprocess`).
+
+    Args:
+        image: ``H x W x 3`` ``uint8`` RGB.
+        record: the model's inference record.
+
+    Returns:
+        ``1 x 3 x h x w`` normalised ``float32``.
+    """
+    x = _as_tensor(image).permute(2, 0, 1)[None].float()
+    return normalize(geometry(x, record, mask=False), record)
 
 
 def apply_transform(
@@ -102,12 +127,11 @@ def apply_transform(
     Returns:
         ``(image, mask)``: ``3 x S x S`` normalised ``float32`` and ``1 x S x S`` ``float32`` in {0, 1}.
     """
-    # from_numpy needs writable memory; np.require copies only arrays that are not.
-    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
-    m = torch.from_numpy(np.require(mask, requirements=("C", "W")))[None, None].float()
-    x, m = geometry(x, spec, mask=False), geometry(m, spec, mask=True)
+    x = _as_tensor(image).permute(2, 0, 1)[None].float()
+    m = _as_tensor(mask)[None, None].float()
+    x, m = geometry(x, spec.record, mask=False), geometry(m, spec.record, mask=True)
     x, m = warp(x, params, mask=False), warp(m, params, mask=True)
     x, m = flip(x, params), flip(m, params)
     x = color_jitter(gaussian_blur(x, params.blur_sigma), params)
-    x = normalize(x, spec, params.rgb_shift)
+    x = normalize(x, spec.record, params.rgb_shift)
     return x[0].contiguous(), (m[0] > 127).float()

@@ -1,0 +1,243 @@
+"""Bootstrap confidence intervals of per-image means, and the paired comparison of two evaluations.
+
+Every interval is a **percentile bootstrap over images**: the ``n`` images are resampled with
+replacement :data:`RESAMPLES` times, each resample's mean is taken, and the 2.5th and 97.5th
+percentiles of those means (numpy's linear interpolation) bound the 95% interval. The seed is
+fixed (:data:`SEED`), so the same per-image values give the same interval on every run, and
+metrics of the same images share the same resamples. NaN values (an HD95 that is undefined)
+are left out, as they are of the mean.
+
+A **paired** comparison scores two evaluations of the same images (two text regimes, two
+models): the per-image differences ``a_i - b_i`` are bootstrapped, so the interval of the
+difference reflects how consistently one beats the other image by image, which two separate
+intervals side by side cannot show.
+
+    cmgnet compare-evals runs/x/eval/test-metadata runs/x/eval/test-shuffled
+
+This module needs numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmgnet.errors import CmgnetError, cli_entry
+
+RESAMPLES = 2000
+CONFIDENCE = 0.95
+SEED = 0
+BOOTSTRAP = {"method": "percentile bootstrap over images", "resamples": RESAMPLES, "confidence": CONFIDENCE,
+             "seed": SEED}
+"""How every interval is computed (written beside the intervals)."""
+
+_CHUNK = 1 << 22  # indices drawn at once: bounds memory for large sets (same stream as one draw)
+
+
+def resampled_means(values: Sequence[float] | np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """The means of ``resamples`` bootstrap resamples of ``values`` (drawn with replacement).
+
+    Args:
+        values: one value per image, without NaN.
+        resamples: number of resamples.
+        seed: seed of ``numpy.random.default_rng``.
+
+    Returns:
+        ``resamples`` float64 means, in draw order.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("no values to resample")
+    rng = np.random.default_rng(seed)
+    out = np.empty(resamples, dtype=np.float64)
+    rows = max(1, _CHUNK // x.size)
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        out[start:stop] = x[rng.integers(0, x.size, size=(stop - start, x.size))].mean(axis=1)
+    return out
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, resamples: int = RESAMPLES,
+                 confidence: float = CONFIDENCE, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (NaN left out).
+
+    Args:
+        values: one value per image.
+        resamples: bootstrap resamples.
+        confidence: coverage of the interval (0.95: the 2.5th and 97.5th percentiles).
+        seed: seed of the resampling.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when no value is finite.
+
+    Example:
+        >>> low, high = bootstrap_ci([0.8, 0.9, 0.85, 0.95, 0.7])
+        >>> 0.7 <= low < high <= 0.95
+        True
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(resampled_means(x, resamples, seed), [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mean_ci(columns: Mapping[str, Sequence[float]], **options: Any) -> dict[str, list[float]]:
+    """``{name: [low, high]}``: the interval of each column's mean (see :func:`bootstrap_ci`)."""
+    return {name: list(bootstrap_ci(values, **options)) for name, values in columns.items()}
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float], **options: Any) -> dict[str, Any]:
+    """Mean of ``a - b`` over the same images, with its paired bootstrap interval.
+
+    Args:
+        a, b: image id -> value of two evaluations of the same images.
+        options: ``resamples``, ``confidence``, ``seed`` of :func:`bootstrap_ci`.
+
+    Returns:
+        ``{"n_images", "mean_a", "mean_b", "difference", "ci95"}``: means over the images where both
+        values are defined (NaN in either: left out), ``difference = mean_a - mean_b`` and the
+        ``[low, high]`` interval of the per-image differences' mean.
+
+    Raises:
+        ValueError: the two do not hold the same image ids.
+    """
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError(f"not the same images: {len(only_a)} only in the first (e.g. {only_a[:3]}), "
+                         f"{len(only_b)} only in the second (e.g. {only_b[:3]})")
+    ids = sorted(a)  # a fixed order: the resamples do not depend on how the rows were listed
+    va = np.array([a[i] for i in ids], dtype=np.float64)
+    vb = np.array([b[i] for i in ids], dtype=np.float64)
+    keep = ~(np.isnan(va) | np.isnan(vb))
+    va, vb = va[keep], vb[keep]
+    if not va.size:
+        return {"n_images": 0, "mean_a": math.nan, "mean_b": math.nan, "difference": math.nan,
+                "ci95": [math.nan, math.nan]}
+    return {"n_images": int(va.size), "mean_a": float(va.mean()), "mean_b": float(vb.mean()),
+            "difference": float((va - vb).mean()), "ci95": list(bootstrap_ci(va - vb, **options))}
+
+
+def paired_differences(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                       **options: Any) -> dict[str, dict[str, Any]]:
+    """:func:`paired_difference` of every metric between two lists of per-image rows (``image_id`` + metrics)."""
+    return {m: paired_difference({str(r["image_id"]): float(r[m]) for r in a},
+                                 {str(r["image_id"]): float(r[m]) for r in b}, **options)
+            for m in metrics if all(m in r for r in a) and all(m in r for r in b)}
+
+
+def read_per_image(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The rows of an evaluation's ``per_image.csv`` (a file or the ``<split>-<regime>/`` folder holding it).
+
+    Returns:
+        ``(the CSV file, rows)``: ``image_id`` as written and every other numeric cell as a float
+        (an empty cell: NaN).
+
+    Raises:
+        CmgnetError: no such file, no ``image_id`` column, no rows or an id listed twice.
+        DataError: an unreadable CSV.
+    """
+    from cmgnet.data.csvfiles import read_csv
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "per_image.csv"
+    if not path.is_file():
+        raise CmgnetError("no such per-image CSV (an evaluation's <split>-<regime>/per_image.csv)", path)
+    columns, lines = read_csv(path)
+    if "image_id" not in columns:
+        raise CmgnetError(f"no image_id column (columns: {', '.join(columns)})", path)
+    rows, seen = [], set()
+    for number, cells in lines:
+        if cells["image_id"] in seen:
+            raise CmgnetError(f"row {number}: image {cells['image_id']!r} listed twice", path)
+        seen.add(cells["image_id"])
+        row: dict[str, Any] = {"image_id": cells["image_id"]}
+        for name, cell in cells.items():
+            if name == "image_id":
+                continue
+            try:
+                row[name] = float(cell) if cell.strip() else math.nan
+            except ValueError:
+                row[name] = cell  # split, text_regime
+        rows.append(row)
+    if not rows:
+        raise CmgnetError("no images listed", path)
+    return path, rows
+
+
+def format_paired(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]], percent: Sequence[str] = ()) -> str:
+    """A fixed-width table of paired comparisons, one line per (comparison, metric).
+
+    Args:
+        comparisons: ``{label: {metric: paired_difference(...)}}``.
+        percent: metrics shown in percent (the fractions); others as they are (HD95 in pixels).
+
+    Returns:
+        The table, headed by how the intervals were computed.
+    """
+    head = ["comparison", "metric", "n", "A", "B", "A - B", "95% CI"]
+    lines = []
+    for label, metrics in comparisons.items():
+        for metric, d in metrics.items():
+            scale = 100.0 if metric in percent else 1.0
+            lines.append([label, metric, str(d["n_images"]), f"{scale * d['mean_a']:.2f}", f"{scale * d['mean_b']:.2f}",
+                          f"{scale * d['difference']:+.2f}",
+                          f"[{scale * d['ci95'][0]:+.2f}, {scale * d['ci95'][1]:+.2f}]"])
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+
+    def fmt(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)  # labels left, numbers right
+
+    title = (f"[paired per-image differences over the same images; {BOOTSTRAP['method']}, {RESAMPLES} resamples, "
+             f"seed {SEED}; fractions in %, HD95 in px]")
+    return "\n".join([title, fmt(head), *(fmt(c) for c in lines)])
+
+
+@cli_entry
+def compare_evals_main(argv: Sequence[str] | None = None, prog: str = "cmgnet compare-evals") -> int:
+    """``cmgnet compare-evals A B [--metric dice ...] [--json FILE]``: paired difference A - B."""
+    import json
+
+    from cmgnet.cliargs import make_parser
+
+    parser = make_parser(prog, "Paired comparison of two evaluations of the same images: the mean per-image "
+                         "difference A - B of each metric and its 95% percentile-bootstrap interval (images "
+                         "resampled together, 2000 resamples, seed 0).", [
+        f"{prog} runs/x/eval/test-metadata runs/x/eval/test-shuffled",
+        f"{prog} eval-a/test-none/per_image.csv eval-b/test-none/per_image.csv --metric dice thresholded_jaccard",
+    ])
+    parser.add_argument("a", help="evaluation A: a <split>-<regime>/ folder of `cmgnet evaluate` or its per_image.csv")
+    parser.add_argument("b", help="evaluation B, of the same images")
+    parser.add_argument("--metric", nargs="+", default=None, metavar="NAME",
+                        help="metrics to compare (default: every per-image metric both files have)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the comparison to this JSON file")
+    args = parser.parse_args(argv)
+    from cmgnet.metrics import METRICS
+
+    path_a, rows_a = read_per_image(args.a)
+    path_b, rows_b = read_per_image(args.b)
+    metrics = args.metric or [m for m in METRICS if m in rows_a[0] and m in rows_b[0]]
+    if missing := [m for m in metrics if m not in rows_a[0] or m not in rows_b[0]]:
+        raise CmgnetError(f"no column {missing[0]!r} in both files", path_a if missing[0] not in rows_a[0] else path_b)
+    try:
+        result = paired_differences(rows_a, rows_b, metrics)
+    except ValueError as err:
+        raise CmgnetError(f"{err}; compare evaluations of the same split", path_b) from err
+    label = "A - B"
+    print(f"A: {path_a}\nB: {path_b}")
+    print(format_paired({label: result}, percent=[m for m in metrics if m != "hd95"]))
+    if args.json:
+        from cmgnet.train.checkpoint import atomic_write_text
+
+        report = {"a": str(path_a), "b": str(path_b), "bootstrap": BOOTSTRAP, "paired": result}
+        atomic_write_text(Path(args.json), json.dumps(report, indent=2, allow_nan=True) + "\n")
+        print(f"written to {args.json}")
+    return 0
