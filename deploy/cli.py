@@ -9,8 +9,9 @@ arguments to the real command.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cmgnet.cliargs import add_out_argument, make_parser
 from cmgnet.errors import DEBUG_FLAG
@@ -123,20 +124,8 @@ def _checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> lis
     return argv
 
 
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet export``: see :func:`cmgnet.deploy.export.main`."""
-    argv = _checked(export_parser(), argv)
-    from .export import main
-
-    return main(argv)
 
 
-def predict_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet predict``: see :func:`cmgnet.deploy.predict.main`."""
-    argv = _checked(predict_parser(), argv)
-    from .predict import main
-
-    return main(argv)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -199,17 +188,18 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet serve``: see :func:`cmgnet.deploy.server.main`."""
-    argv = _checked(serve_parser(), argv)
-    from .server import main
+def _command(parser_of: Callable[[], argparse.ArgumentParser], module: str, name: str) -> Callable[..., int]:
+    """``cmgnet <name>``: parse with ``parser_of`` (light), then run ``cmgnet.deploy.<module>.main``."""
 
-    return main(argv)
+    def run(argv: Sequence[str] | None = None) -> int:
+        argv = _checked(parser_of(), argv)
+        return importlib.import_module(f".{module}", __package__).main(argv)
+
+    run.__doc__ = f"``cmgnet {name}``: see :func:`cmgnet.deploy.{module}.main`."
+    return run
 
 
-def infer_remote_main(argv: Sequence[str] | None = None) -> int:
-    """``cmgnet infer-remote``: see :func:`cmgnet.deploy.client.main`."""
-    argv = _checked(infer_remote_parser(), argv)
-    from .client import main
-
-    return main(argv)
+export_main = _command(export_parser, "export", "export")
+predict_main = _command(predict_parser, "predict", "predict")
+serve_main = _command(serve_parser, "server", "serve")
+infer_remote_main = _command(infer_remote_parser, "client", "infer-remote")

@@ -224,9 +224,9 @@ class TorchRunner:
 
     On a CPU in fp32 it runs a copy of the network with BatchNorm folded into the convolutions
     (:mod:`cmgnet.model.fold`) in channels-last, ``cpu_micro_batch`` images at a time: the
-    activations of larger batches spill out of the caches, and the shipped model took 52 ms per
-    image at batch 8 against 34 ms at batch 1 unfolded, 30 ms at batch 2 folded (one thread,
-    CPU time, AMD EPYC). The caller's model is not modified.
+    activations of larger batches spill out of the caches. The shipped model, plain eager, took
+    87 ms per image at batch 8 against 55 ms at batch 1; this path takes 37 and 44 (one thread,
+    CPU time, AMD EPYC; README, Latency). The caller's model is not modified.
 
     Args:
         model: the network (put in eval mode and moved to ``device``).

@@ -47,3 +47,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real ISIC data not present at {SHARED_DATA} (only in the project workspace)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A test's own ``CMGNET_CACHE_DIR`` and no ``CMGNET_DEBUG``: error tests see one-line errors, fresh caches."""
+    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("CMGNET_DEBUG", raising=False)
+
+
+def one_error_line(stderr: str, *names: object) -> str:
+    """``stderr`` holds one ``error:`` line naming every given file or word, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]

@@ -26,9 +26,8 @@ SIZE = 32
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("CMGNET_DEBUG", raising=False)
+def _private_cache(private_cache):
+    """Every test here gets its own cache (conftest.private_cache)."""
 
 
 def run(argv: list[str]) -> int:

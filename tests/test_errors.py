@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, one_error_line, tiny_config
 
 from cmgnet.cli import main as cli_main
 from cmgnet.data.check import main as check_main
@@ -28,9 +28,8 @@ SIZE = 32
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("CMGNET_DEBUG", raising=False)
+def _private_cache(private_cache):
+    """Every test here gets its own cache (conftest.private_cache)."""
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +44,6 @@ def assets(tmp_path_factory):
     assert cli_main(["export", str(checkpoint), "--out", str(root / "bundle"), "--verify-batches"]) == 0
     image = next((data / "ISIC-2017_Test_v2_Data").glob("*.jpg"))
     return {"root": root, "data": data, "checkpoint": checkpoint, "bundle": root / "bundle", "image": image}
-
-
-def one_error_line(capsys, *names: str) -> str:
-    """The captured stderr is one ``error:`` line naming every given file, without a traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -117,7 +105,7 @@ def test_a_broken_checkpoint_is_one_line(assets, tmp_path, capsys, entry, fault)
     checkpoint = copy(assets["checkpoint"], tmp_path / "checkpoint")
     bad = break_checkpoint(checkpoint, fault)
     assert run_entry(entry, checkpoint, tmp_path, assets["image"]) == 1
-    line = one_error_line(capsys, bad)
+    line = one_error_line(capsys.readouterr().err, bad)
     if fault == "unknown arch":
         assert "no-such-net" in line
     if fault == "unknown key":
@@ -196,7 +184,7 @@ def test_a_broken_bundle_is_one_line(assets, tmp_path, capsys, fault):
     else:
         path.write_bytes(change)
     assert cli_main(["predict", str(bundle), str(assets["image"]), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
-    one_error_line(capsys, path)
+    one_error_line(capsys.readouterr().err, path)
 
 
 def test_an_ep_file_must_match_its_recorded_hash(assets, tmp_path, capsys):
@@ -212,7 +200,7 @@ def test_an_ep_file_must_match_its_recorded_hash(assets, tmp_path, capsys):
     meta.save(bundle / "model_trt.ep.json")
     program.write_bytes(b"a different, tampered file")
     assert cli_main(["predict", str(program), str(assets["image"]), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
-    assert "differs from" in one_error_line(capsys, program)
+    assert "differs from" in one_error_line(capsys.readouterr().err, program)
 
 
 def test_a_text_model_folder_with_only_a_pickle(assets, tmp_path, capsys):
@@ -226,7 +214,7 @@ def test_a_text_model_folder_with_only_a_pickle(assets, tmp_path, capsys):
     (checkpoint / "config.json").write_text(json.dumps(saved))
     for entry in ("predict", "export"):
         assert run_entry(entry, checkpoint, tmp_path, assets["image"]) == 1
-        line = one_error_line(capsys, folder)
+        line = one_error_line(capsys.readouterr().err, folder)
         assert "pytorch_model.bin" in line and "weights_only" not in line
 
 
@@ -257,7 +245,7 @@ def test_bad_data_is_one_line_before_training(assets, tmp_path, capsys, entry, f
             "evaluate": ["evaluate", "--checkpoint", str(assets["checkpoint"]), "--config", str(config),
                          "--split", "val", "--out", str(tmp_path / "eval")]}[entry]
     assert cli_main(argv) == 1
-    one_error_line(capsys, bad)
+    one_error_line(capsys.readouterr().err, bad)
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))  # failed before the first step
 
 
@@ -299,7 +287,7 @@ def test_predict_refuses_to_overwrite_and_names_unreadable_images(assets, tmp_pa
     assert cli_main(args) == 0
     capsys.readouterr()
     assert cli_main(args) == 1
-    assert "--overwrite" in one_error_line(capsys, out)
+    assert "--overwrite" in one_error_line(capsys.readouterr().err, out)
     assert cli_main([*args, "--overwrite"]) == 0
     capsys.readouterr()
     bad = tmp_path / "bad.png"

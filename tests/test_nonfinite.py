@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import one_error_line
 from test_train import fresh_accelerate_state  # noqa: F401 - a fixture: bf16 needs its own Accelerate state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,21 +69,9 @@ def drop_hash(record: Path) -> None:
     record.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def error_line(capsys, *names) -> str:
-    """The one ``error:`` line on stderr, no traceback; it names every given file."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
-
-
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("CMGNET_DEBUG", raising=False)
+def _private_cache(private_cache):
+    """Every test here gets its own cache (conftest.private_cache)."""
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +142,7 @@ def test_damaged_weight_bytes_are_one_line_naming_the_file(checkpoint, image, tm
     if not recorded:
         drop_hash(model / "config.json")
     assert run_entry(entry, model, image, tmp_path / "out") == 1
-    line = error_line(capsys, model / "model.safetensors")
+    line = one_error_line(capsys.readouterr().err, model / "model.safetensors")
     if recorded:
         assert f"do not match the SHA-256 recorded in {model / 'config.json'}" in line
     else:
@@ -233,7 +222,7 @@ def test_nan_probabilities_fail_predict_naming_the_model(checkpoint, image, tmp_
 
     # PyTorch's own output (ONNX Runtime's is the test below): the patched forward runs there.
     assert main(["predict", str(checkpoint), str(image), "--out", str(out), "--no-progress", "--backend", "torch"]) == 1
-    line = error_line(capsys, image, checkpoint / "model.safetensors")
+    line = one_error_line(capsys.readouterr().err, image, checkpoint / "model.safetensors")
     assert "returned NaN or inf for 1 of 1 images" in line
     assert not list((out / "masks").glob("*.png"))  # no empty mask
     with open(out / "predictions.csv") as handle:
@@ -250,7 +239,7 @@ def test_nan_probabilities_from_onnxruntime_name_the_onnx_file(checkpoint, image
     monkeypatch.setattr(OnnxRuntimeRunner, "__call__", lambda self, *a: real(self, *a) * float("nan"))
     capsys.readouterr()
     assert run_entry("predict", bundle, image, tmp_path / "out") == 1
-    error_line(capsys, image, bundle / "model.onnx")
+    one_error_line(capsys.readouterr().err, image, bundle / "model.onnx")
     assert not list((tmp_path / "out" / "masks").glob("*.png"))
 
 
@@ -290,7 +279,7 @@ def test_a_nan_loss_stops_training_keeping_the_last_good_checkpoint_and_best(dat
     config = _train_config(data_root, tmp_path, "train.max_nonfinite_steps=1", *extra)
     assert main(["train", "--config", str(config)]) == 1
     run = tmp_path / "tiny"
-    line = error_line(capsys, run)
+    line = one_error_line(capsys.readouterr().err, run)
     assert f"training stopped at step {step} (epoch 2): the loss was NaN or inf on 2 optimiser step(s) in a row" in line
     assert "checkpoints/" in line and "best/ are kept" in line
     assert ended == ["FAILED"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, one_error_line, tiny_config
 from PIL import Image
 
 from cmgnet.cli import main as cli_main
@@ -37,9 +37,8 @@ ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as open()/write() r
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMGNET_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("CMGNET_DEBUG", raising=False)
+def _private_cache(private_cache):
+    """Every test here gets its own cache (conftest.private_cache)."""
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +65,6 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     """``python -m cmgnet.cli ARGS`` in a new process (this environment), bounded in time."""
     return subprocess.run([sys.executable, "-m", "cmgnet.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=CHILD_TIMEOUT, cwd=REPO_ROOT)
-
-
-def one_error_line(stderr: str, *names: str | Path) -> str:
-    """``stderr`` holds one ``error:`` line naming every given thing, and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    for name in names:
-        assert str(name) in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
