@@ -237,7 +237,9 @@ class TorchRunner:
 
     name = "torch"
     max_batch = None
-    batch_views = False  # eager PyTorch on a CPU is slower per image at larger batches
+    # Flip views one call each: Segmenter runs batched-view runners with torch on one thread (ONNX Runtime has
+    # its own), which would starve this one; on a CPU it splits each call into micro-batches itself.
+    batch_views = False
 
     def __init__(self, model: SegmentationModel, device: str = "cpu", precision: str = "fp32",
                  cpu_micro_batch: int = 2) -> None:
