@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cmgnet.data.errors import DataError
-from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, check_complete, decode_image
+from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image
 from cmgnet.data.metadata import MetadataEntry, entry_from_mapping
 from cmgnet.errors import one_line
 
@@ -63,8 +63,7 @@ def decode_images(items: np.ndarray, limits: RequestLimits) -> list[np.ndarray]:
     for i, item in enumerate(_items(items, IMAGE_INPUT)):
         where = f"{IMAGE_INPUT}[{i}]"
         try:
-            data = check_complete(np.frombuffer(item, dtype=np.uint8), where)
-            images.append(decode_image(data, where, limits.max_pixels or DEFAULT_MAX_PIXELS,
+            images.append(decode_image(np.frombuffer(item, dtype=np.uint8), where, limits.max_pixels or DEFAULT_MAX_PIXELS,
                                        min_side=limits.min_side, max_aspect=limits.max_aspect))
         except DataError as err:
             raise RequestError(str(err)) from None

@@ -384,3 +384,20 @@ def test_per_image_csv_escapes_ids(tmp_path):
     cells = {r["image_id"]: r for r in csv.DictReader(open(written["csv"]))}
     assert set(cells) == {"'=HYPERLINK(1)", "'-1", "ISIC_2"}
     assert float(cells["'-1"]["dice"]) == 1.0 and cells["'-1"]["tp"] == "4" and cells["'-1"]["split"] == "test"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_bytes_are_refused_by_the_decoder_itself(tmp_path, fmt):
+    # Bytes that never passed through read_encoded (the MLflow model's cells, a server request).
+    import io
+
+    from cmgnet.train.pyfunc_model import decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 48, 3), 120, np.uint8)).save(buffer, fmt)
+    data = np.frombuffer(buffer.getvalue(), np.uint8)
+    assert decode_image(data, Path("whole")).shape == (32, 48, 3)
+    with pytest.raises(DataError, match="truncated"):
+        decode_image(data[: len(data) - 20], Path("cut"))
+    with pytest.raises(DataError, match="truncated"):
+        decode(buffer.getvalue()[:-20])

@@ -234,7 +234,8 @@ def decode_image(data: np.ndarray, path: Path, max_pixels: int = DEFAULT_MAX_PIX
     """Decode encoded bytes to RGB as displayed (see :func:`to_array`).
 
     Args:
-        data: bytes from :func:`read_encoded`.
+        data: encoded bytes (:func:`read_encoded`, a request, a pyfunc cell); empty or truncated
+            bytes are refused (:func:`check_complete`).
         path: the file the bytes came from (for error messages).
         max_pixels: refuse larger images before decoding.
         min_side: refuse images whose shorter side is below this, before decoding.
@@ -247,7 +248,7 @@ def decode_image(data: np.ndarray, path: Path, max_pixels: int = DEFAULT_MAX_PIX
     Raises:
         DataError: undecodable, truncated, oversized, too small, too elongated or unconvertible image.
     """
-    image = _open(io.BytesIO(data.tobytes()), path, max_pixels)
+    image = _open(io.BytesIO(check_complete(data, path).tobytes()), path, max_pixels)
     short, long = sorted(image.size)
     if short < min_side:
         image.close()
