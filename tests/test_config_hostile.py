@@ -205,12 +205,13 @@ def _numeric(hint) -> bool:
 
 def test_every_numeric_config_field_has_a_range():
     from cmgnet.model import list_models, model_class
+    from cmgnet.data.sources import SourceConfig
     from cmgnet.train.compare import CompareConfig
 
     classes = [(name, hint) for name, hint in typing.get_type_hints(ExperimentConfig).items()
                if dataclasses.is_dataclass(hint)]
     classes += [("model", model_class(name).config_class) for name in list_models()]
-    classes += [("compare", CompareConfig)]
+    classes += [("compare", CompareConfig), ("data.sources", SourceConfig)]
     missing = []
     for prefix, cls in classes:
         for name, hint in typing.get_type_hints(cls).items():

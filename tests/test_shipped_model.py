@@ -120,3 +120,26 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     assert ship_model.main([*args, "--postprocess", "largest", "--tta"]) == 0
     assert InferenceRecord.load(out).tta is True and "flip TTA on (4 passes)" in (out / "README.md").read_text()
     assert "| metadata | flip x4 | 100.0 |" in (out / "README.md").read_text()
+
+
+def test_evaluate_by_name_on_a_test_only_folder_in_every_regime(tmp_path, capsys):
+    """No experiment file, no training split: the model's record and its own classifier suffice."""
+    from cmgnet.data.synthetic import generate_dataset
+    from cmgnet.text.pseudo_text import TEXT_REGIMES
+    from cmgnet.train.cli import evaluate_main
+
+    root = generate_dataset(tmp_path / "ISIC2017", n_train=0, n_val=0, n_test=3, size=64)
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main(["--checkpoint", NAME])
+    assert stop.value.code == 2
+    assert "pass --config, or name the data (data.root=FOLDER" in capsys.readouterr().err
+    out = tmp_path / "eval"
+    evaluate_main(["--checkpoint", NAME, f"data.root={root}", "--text-regime", *TEXT_REGIMES, "--no-hd95",
+                   "--overlays", "0", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {f"test/{regime}" for regime in TEXT_REGIMES}
+    for result in summary.values():
+        assert result["n_images"] == 3 and result["image_size"] == 256  # the model's own size, not the default
+        assert result["tta"] is True and result["postprocess"] == "largest"  # as served
+    assert summary["test/predicted"]["diagnosis"]["n"] == 3
+    assert "majority_class" not in summary["test/predicted"]["diagnosis"]  # no training split to count

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cmgnet.errors import shown
 from cmgnet.text.pseudo_text import TEXT_REGIMES
 
 from .augment.params import AUGMENTS
 from .imageio import DEFAULT_MAX_PIXELS
-from .protocols import PROTOCOLS
+from .protocols import PAPER_FRACTIONS, PROTOCOLS
 from .readers import FORMATS
+from .sources import SourceConfig
 from .validate import LEVELS
 
 LOADERS: tuple[str, ...] = ("auto", "dali", "torch")
@@ -31,9 +32,18 @@ class DataConfig:
             label and metadata CSVs for ISIC 2018 Task 1 images), or ``None``.
         image_size: output height and width (a multiple of 16).
         protocol: ``official`` (the dataset's splits), ``split-csv`` (``split_csv``),
-            ``paper`` (24 variants per image, random 8:1:1 split of the variants: leaks) or
-            ``paper-grouped`` (same, split by source image: no leak).
+            ``grouped`` (random split by lesion in ``split_fractions``), ``paper`` (24 variants
+            per image, random 8:1:1 split of the variants: leaks) or ``paper-grouped`` (same,
+            split by source image: no leak).
         split_csv: CSV with ``image_id, split`` for ``protocol="split-csv"``.
+        split_fractions: train, val and test shares of ``protocol="grouped"``.
+        sources: several datasets at once (:class:`~cmgnet.data.sources.SourceConfig`: each
+            its own ``name``, ``format``, ``root``, ``metadata``, ``protocol``, ``split_csv``,
+            ``split_fractions`` and sampling ``weight``), replacing the five fields above; the
+            other fields apply to every source. Images of every size are resized to
+            ``image_size`` alike (see ``center_crop``).
+        epoch_size: training samples per epoch with several sources, drawn from each in
+            proportion to its ``weight`` (0: the sum of the sources' training splits).
         text_regime_train: sentence regime for training: ``none``, ``metadata``, ``shuffled``
             (another image's metadata), ``predicted`` or ``oracle``.
         text_regime_eval: sentence regime for evaluation (name it in every result).
@@ -67,6 +77,9 @@ class DataConfig:
     image_size: int = 256
     protocol: str = "official"
     split_csv: str | None = None
+    split_fractions: tuple[float, float, float] = PAPER_FRACTIONS
+    sources: list[SourceConfig] = field(default_factory=list)
+    epoch_size: int = 0
     text_regime_train: str = "oracle"
     text_regime_eval: str = "none"
     augment: str = "paper"
@@ -91,6 +104,10 @@ class DataConfig:
         self.mean = tuple(float(v) for v in self.mean)  # YAML gives lists
         self.std = tuple(float(v) for v in self.std)
         self.scale_range = tuple(float(v) for v in self.scale_range)
+        self.split_fractions = tuple(float(v) for v in self.split_fractions)
+        self.sources = [SourceConfig(**s) if isinstance(s, dict) else s for s in self.sources]
+        if self.sources and self.root:
+            raise ValueError("DataConfig: give data.root (one dataset) or data.sources (several), not both")
         choices = {
             "format": (*FORMATS, "auto"),
             "protocol": PROTOCOLS,
@@ -105,6 +122,13 @@ class DataConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DataConfig.{name}={shown(getattr(self, name))}; "
                                  f"expected one of {', '.join(allowed)}")
+        if self.protocol == "split-csv" and not self.split_csv:
+            raise ValueError("DataConfig.protocol='split-csv' needs split_csv")
+        sources = self.source_configs()  # checks each source's format, protocol, split CSV and fractions
+        if len({s.name for s in sources}) != len(sources):
+            raise ValueError(f"DataConfig.sources: names must differ; got {[s.name for s in sources]}")
+        if self.epoch_size < 0:
+            raise ValueError("DataConfig.epoch_size must be >= 0")
         if self.image_size <= 0 or self.image_size % 16:
             raise ValueError(f"DataConfig.image_size={self.image_size} must be a positive multiple of 16")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -114,7 +138,12 @@ class DataConfig:
             raise ValueError(f"DataConfig.scale_range={list(self.scale_range)} needs 0 < low <= high")
         if not 0 <= self.shift_range < 0.5:
             raise ValueError(f"DataConfig.shift_range={self.shift_range} must be in [0, 0.5)")
-        if self.protocol == "split-csv" and not self.split_csv:
-            raise ValueError("DataConfig.protocol='split-csv' needs split_csv")
         if self.num_workers < 0:
             raise ValueError("DataConfig.num_workers must be >= 0")
+
+    def source_configs(self) -> list[SourceConfig]:
+        """The run's datasets: ``sources``, or the one that ``format``, ``root``, ... describe."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceConfig(format=self.format, root=self.root, metadata=self.metadata, protocol=self.protocol,
+                             split_csv=self.split_csv, split_fractions=self.split_fractions)]

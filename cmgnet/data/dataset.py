@@ -14,11 +14,9 @@ from cmgnet.text.pseudo_text import make_sentence, shuffled_sentences
 from .augment.params import TransformSpec, sample_params
 from .augment.torch_ops import apply_transform
 from .config import DataConfig
-from .errors import DataError
 from .imageio import DEFAULT_MAX_PIXELS, decode_image, decode_mask, read_encoded
-from .protocols import resolve_split
-from .readers import read_dataset
-from .records import LesionRecord, Sample
+from .records import Sample
+from .sources import Source, read_sources, split_samples
 from .validate import validate_records
 
 Item = dict[str, torch.Tensor | str]
@@ -39,6 +37,7 @@ class SplitData:
         sizes: image id -> ``(width, height)`` from the file headers, as displayed.
         converted: image id -> why its files are not plain 8-bit upright ones (see
             :class:`~cmgnet.data.validate.ValidationReport`); DALI leaves their decoding to PIL.
+        counts: samples per data source, in the order of ``samples``.
     """
 
     samples: list[Sample]
@@ -47,6 +46,7 @@ class SplitData:
     train: bool
     sizes: dict[str, tuple[int, int]]
     converted: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def sentences(
@@ -80,17 +80,17 @@ def prepare_split(
     split: str,
     *,
     train: bool,
-    records: Sequence[LesionRecord] | None = None,
+    sources: Sequence[Source] | None = None,
     predicted_diagnoses: Mapping[str, str] | None = None,
 ) -> SplitData:
-    """Read, split, validate and caption one split of the configured dataset.
+    """Read, split, validate and caption one split of the configured datasets.
 
     Args:
         cfg: the data configuration.
         split: ``"train"``, ``"val"`` or ``"test"``.
         train: augment with ``cfg.augment`` and use ``cfg.text_regime_train``; otherwise
             deterministic with ``cfg.text_regime_eval``.
-        records: the dataset's records when already read (saves re-reading per split).
+        sources: the data sources when already read (saves re-reading per split).
         predicted_diagnoses: image id -> diagnosis for the ``predicted`` text regime.
 
     Returns:
@@ -99,11 +99,10 @@ def prepare_split(
     Raises:
         DataError: unreadable dataset, empty split, or files failing ``cfg.validate`` checks.
     """
-    if records is None:
-        if not cfg.root:
-            raise DataError("DataConfig.root is empty: set the dataset folder")
-        records = read_dataset(cfg.format, cfg.root, metadata=cfg.metadata)
-    samples = resolve_split(records, split, cfg.protocol, seed=cfg.seed, split_csv=cfg.split_csv)
+    if sources is None:
+        sources = read_sources(cfg)
+    chosen = split_samples(sources, split, cfg.seed)
+    samples = chosen.samples
     unique = list({id(s.record): s.record for s in samples}.values())
     report = validate_records(unique, level=cfg.validate, max_pixels=cfg.max_pixels, workers=max(1, cfg.num_workers))
     report.raise_if_failed()
@@ -118,7 +117,7 @@ def prepare_split(
     )
     regime = cfg.text_regime_train if train else cfg.text_regime_eval
     return SplitData(samples, sentences(samples, regime, predicted_diagnoses, cfg.seed), spec, train, report.sizes,
-                     report.converted)
+                     report.converted, chosen.counts)
 
 
 class SegmentationDataset(Dataset):

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import DataConfig
 from .dataset import Batch, SegmentationDataset, prepare_split
-from .records import LesionRecord
 from .sampling import EpochPlan
+from .sources import Source
 
 
 class SegmentationLoader(Protocol):
@@ -136,7 +136,7 @@ def build_loader(
     seed: int | None = None,
     drop_last: bool | None = None,
     epoch: int = 0,
-    records: Sequence[LesionRecord] | None = None,
+    sources: Sequence[Source] | None = None,
     predicted_diagnoses: Mapping[str, str] | None = None,
 ) -> SegmentationLoader:
     """Build the loader of one split.
@@ -154,7 +154,7 @@ def build_loader(
             protocols' split always uses ``cfg.seed``.
         drop_last: drop a final partial batch (default: ``train``).
         epoch: the first epoch (e.g. when resuming).
-        records: the dataset's records when already read.
+        sources: the data sources when already read.
         predicted_diagnoses: image id -> diagnosis for the ``predicted`` text regime.
 
     Returns:
@@ -164,8 +164,10 @@ def build_loader(
         DataError: unreadable dataset, empty split or files failing validation.
         ValueError: bad arguments (e.g. fewer samples per rank than one batch with ``drop_last``).
     """
-    data = prepare_split(cfg, split, train=train, records=records, predicted_diagnoses=predicted_diagnoses)
+    data = prepare_split(cfg, split, train=train, sources=sources, predicted_diagnoses=predicted_diagnoses)
     seed = cfg.seed if seed is None else seed
+    weights = {s.name: s.weight for s in cfg.source_configs()}
+    strata = tuple((n, weights[name]) for name, n in data.counts.items()) if train and len(data.counts) > 1 else ()
     plan = EpochPlan(
         num_samples=len(data.samples),
         batch_size=batch_size,
@@ -174,6 +176,8 @@ def build_loader(
         rank=rank,
         world_size=world_size,
         seed=seed,
+        strata=strata,
+        epoch_size=cfg.epoch_size,
     )
     if resolve_backend(cfg) == "torch":
         dataset = SegmentationDataset(data, seed=seed, max_pixels=cfg.max_pixels)

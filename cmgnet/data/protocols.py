@@ -1,10 +1,15 @@
-"""Which samples form a split: the official split, a user split CSV, or the paper's protocols.
+"""Which samples form a split: the official split, a user split CSV, a grouped random split, or
+the paper's protocols.
 
 The paper (section 4.1) expands every image into 24 variants (8 rotations x {plain, blur,
 RGB shift}) and splits the *variants* 8:1:1 at random, so rotated copies of a test image sit
 in the training set. ``paper`` reproduces that leak; ``paper-grouped`` does the same
 expansion but splits by source image (by lesion where ``lesion_id`` is known), so no source
 crosses splits. Report both.
+
+``grouped`` is a plain random split by lesion (by image where no ``lesion_id`` is known), in
+given fractions and without the 24 variants: the split of a dataset with no official one, such
+as HAM10000, whose 10015 images show 7470 lesions.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .fields import SPLITS, parse_split
 from .metadata import ID_COLUMNS
 from .records import LesionRecord, Sample
 
-PROTOCOLS: tuple[str, ...] = ("official", "split-csv", "paper", "paper-grouped")
+PROTOCOLS: tuple[str, ...] = ("official", "split-csv", "grouped", "paper", "paper-grouped")
 PAPER_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -30,11 +35,39 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
 
 
-def _fraction_bounds(n: int) -> list[int]:
-    """Cut points of ``n`` items into 8:1:1 (rounded; the test split takes the remainder)."""
-    n_train = round(n * PAPER_FRACTIONS[0])
-    n_val = round(n * PAPER_FRACTIONS[1])
+def _fraction_bounds(n: int, fractions: Sequence[float] = PAPER_FRACTIONS) -> list[int]:
+    """Cut points of ``n`` items into train:val:test fractions (rounded; test takes the remainder)."""
+    n_train = round(n * fractions[0])
+    n_val = round(n * fractions[1])
     return [0, n_train, n_train + n_val, n]
+
+
+def _chosen_groups(records: Sequence[LesionRecord], split: str, seed: int,
+                   fractions: Sequence[float] = PAPER_FRACTIONS) -> set[str]:
+    """The groups (lesions, else images) a seeded random split puts in ``split``."""
+    groups = sorted({r.group for r in records})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    bounds = _fraction_bounds(len(groups), fractions)
+    part = SPLITS.index(split)
+    return {groups[i] for i in order[bounds[part] : bounds[part + 1]]}
+
+
+def grouped_split(records: Sequence[LesionRecord], split: str, seed: int,
+                  fractions: Sequence[float] = PAPER_FRACTIONS) -> list[Sample]:
+    """A random split by lesion: no lesion has images in two splits.
+
+    Args:
+        records: every image of the dataset.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        seed: seed of the split (the same seed and records give the same three splits).
+        fractions: train, val and test shares of the lesions.
+
+    Returns:
+        The split's samples in dataset order.
+    """
+    _check_split(split)
+    chosen = _chosen_groups(records, split, seed, fractions)
+    return [Sample(r) for r in records if r.group in chosen]
 
 
 def paper_split(records: Sequence[LesionRecord], split: str, seed: int, *, grouped: bool) -> list[Sample]:
@@ -50,15 +83,11 @@ def paper_split(records: Sequence[LesionRecord], split: str, seed: int, *, group
         The split's samples, each pinned to one variant, in a seed-determined order.
     """
     _check_split(split)
-    rng = np.random.default_rng(seed)
-    part = SPLITS.index(split)
     if grouped:
-        groups = sorted({r.group for r in records})
-        order = rng.permutation(len(groups))
-        bounds = _fraction_bounds(len(groups))
-        chosen = {groups[i] for i in order[bounds[part] : bounds[part + 1]]}
+        chosen = _chosen_groups(records, split, seed)
         return [Sample(r, v) for r in records if r.group in chosen for v in range(NUM_VARIANTS)]
-    order = rng.permutation(len(records) * NUM_VARIANTS)
+    part = SPLITS.index(split)
+    order = np.random.default_rng(seed).permutation(len(records) * NUM_VARIANTS)
     bounds = _fraction_bounds(order.size)
     picked = np.sort(order[bounds[part] : bounds[part + 1]])
     return [Sample(records[i // NUM_VARIANTS], int(i % NUM_VARIANTS)) for i in picked]
@@ -107,6 +136,8 @@ def resolve_split(
     *,
     seed: int = 0,
     split_csv: str | Path | None = None,
+    fractions: Sequence[float] = PAPER_FRACTIONS,
+    allow_empty: bool = False,
 ) -> list[Sample]:
     """The samples of one split under a protocol.
 
@@ -114,8 +145,10 @@ def resolve_split(
         records: the dataset's records (from a reader).
         split: ``"train"``, ``"val"`` or ``"test"``.
         protocol: one of :data:`PROTOCOLS`.
-        seed: seed of the ``paper``/``paper-grouped`` random split.
+        seed: seed of the ``grouped``/``paper``/``paper-grouped`` random split.
         split_csv: the split file of ``protocol="split-csv"``.
+        fractions: train, val and test shares of ``protocol="grouped"``.
+        allow_empty: return ``[]`` for an empty split (one source of several may lack it).
 
     Returns:
         The samples (``variant=None`` except under the paper protocols), in dataset order.
@@ -135,11 +168,14 @@ def resolve_split(
         assignment = read_split_csv(split_csv, records)
         samples = [Sample(r) for r in records if assignment.get(r.image_id) == split]
         hint = f"{split_csv} assigns no image to it"
+    elif protocol == "grouped":
+        samples = grouped_split(records, split, seed, fractions)
+        hint = f"the dataset is too small for a {':'.join(f'{f:g}' for f in fractions)} split by lesion"
     elif protocol in ("paper", "paper-grouped"):
         samples = paper_split(records, split, seed, grouped=protocol == "paper-grouped")
         hint = "the dataset is too small for an 8:1:1 split"
     else:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-    if not samples:
+    if not samples and not allow_empty:
         raise DataError(f"split {split!r} is empty under protocol {protocol!r}: {hint}")
     return samples

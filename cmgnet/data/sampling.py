@@ -15,7 +15,10 @@ class EpochPlan:
     Training (``shuffle=True``): every rank draws the same permutation from
     ``(seed, epoch)``, drops the ``n % world_size`` tail so ranks get equal counts (DDP
     needs equal step counts; the dropped samples change every epoch) and takes every
-    ``world_size``-th sample. Evaluation (``shuffle=False``): sample-exact contiguous shards
+    ``world_size``-th sample. With ``strata`` (several sources, training only) each epoch
+    draws ``epoch_size`` samples, each source's share in proportion to its weight (largest
+    remainder), without repeats inside a source until all of its samples were drawn, then
+    shuffles them together. Evaluation (``shuffle=False``): sample-exact contiguous shards
     in dataset order; disjoint, no padding duplicates, their union (concatenated in rank
     order) is the whole split, so ranks may differ by one sample.
 
@@ -27,6 +30,9 @@ class EpochPlan:
         rank: this process' rank.
         world_size: number of processes.
         seed: seed of the permutation.
+        strata: ``(count, weight)`` per source, whose samples are consecutive in that order
+            (counts sum to ``num_samples``); ``()``: one source, a plain permutation.
+        epoch_size: samples drawn per epoch with ``strata`` (0: ``num_samples``).
     """
 
     num_samples: int
@@ -36,8 +42,12 @@ class EpochPlan:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    strata: tuple[tuple[int, float], ...] = ()
+    epoch_size: int = 0
 
     def __post_init__(self) -> None:
+        if self.strata and sum(n for n, _ in self.strata) != self.num_samples:
+            raise ValueError(f"strata counts {[n for n, _ in self.strata]} do not sum to {self.num_samples} samples")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
@@ -52,8 +62,35 @@ class EpochPlan:
     def samples_per_rank(self) -> int:
         """Samples this rank reads per epoch."""
         if self.shuffle:
-            return self.num_samples // self.world_size
+            return self.drawn // self.world_size
         return len(np.array_split(np.arange(self.num_samples), self.world_size)[self.rank])
+
+    @property
+    def drawn(self) -> int:
+        """Samples one training epoch draws (all ranks)."""
+        return (self.epoch_size or self.num_samples) if self.strata else self.num_samples
+
+    def quotas(self) -> list[int]:
+        """Samples each stratum gives an epoch: ``drawn`` shared by weight (largest remainder)."""
+        weights = np.array([w if n else 0.0 for n, w in self.strata], dtype=float)  # an empty source gives none
+        exact = self.drawn * weights / weights.sum()
+        quotas = np.floor(exact).astype(int)
+        quotas[np.argsort(quotas - exact, kind="stable")[: self.drawn - quotas.sum()]] += 1
+        return quotas.tolist()
+
+    def _stratified_order(self, epoch: int) -> np.ndarray:
+        parts, offset = [], 0
+        for index, ((count, _), quota) in enumerate(zip(self.strata, self.quotas())):
+            # Successive epochs continue one long stream of permutations, so a source is seen whole
+            # before any sample repeats.
+            if quota:
+                first, last = epoch * quota // count, (epoch + 1) * quota // count
+                stream = np.concatenate([np.random.default_rng([self.seed, index, cycle]).permutation(count)
+                                         for cycle in range(first, last + 1)])
+                parts.append(stream[epoch * quota - first * count:][:quota] + offset)
+            offset += count
+        order = np.concatenate(parts)
+        return order[np.random.default_rng([self.seed, epoch]).permutation(order.size)]
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -64,8 +101,11 @@ class EpochPlan:
         """This rank's sample indices for ``epoch``, in reading order."""
         if not self.shuffle:
             return np.array_split(np.arange(self.num_samples), self.world_size)[self.rank]
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        usable = self.num_samples - self.num_samples % self.world_size
+        if self.strata:
+            order = self._stratified_order(epoch)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        usable = order.size - order.size % self.world_size
         return order[:usable][self.rank :: self.world_size]
 
     def batches(self, epoch: int) -> list[np.ndarray]:

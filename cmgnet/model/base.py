@@ -165,24 +165,8 @@ class SegmentationModel(nn.Module):
         from cmgnet.shipped import resolve_pretrained
 
         directory = resolve_pretrained(directory)  # a shipped model's name, or a folder
+        name, config = read_model_config(directory)
         config_path = directory / CONFIG_NAME
-        try:
-            saved = json.loads(config_path.read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"not a saved cmgnet model ({_first(err)})", config_path) from err
-        if not isinstance(saved, dict) or not isinstance(saved.get("model"), str) \
-                or not isinstance(saved.get("config"), dict):
-            raise CheckpointError('expected a JSON object {"model": <name>, "config": {...}}, got '
-                                  f"{type(saved).__name__}", config_path)
-        name, config = saved["model"], saved["config"]
-        if name not in _REGISTRY:
-            raise CheckpointError(f"unknown model {name!r}; available: {', '.join(list_models())}", config_path)
-        fields = {f.name for f in dataclasses.fields(_REGISTRY[name].config_class) if f.init}
-        if unknown := sorted(set(config) - fields):
-            raise CheckpointError(f"unknown key(s) {', '.join(unknown)} in config of model {name!r}; "
-                                  f"valid: {', '.join(sorted(fields))}", config_path)
-        if mistyped := _mistyped(_REGISTRY[name].config_class, config):
-            raise CheckpointError(f"mistyped value(s) in config of model {name!r}: {'; '.join(mistyped)}", config_path)
         # The saved weights replace any pretrained encoder's: do not read the ImageNet file.
         build = config | ({"encoder_weights": "none"} if "encoder_weights" in config else {}) | overrides
         try:
@@ -194,6 +178,33 @@ class SegmentationModel(nn.Module):
         model.load_weights(directory / WEIGHTS_NAME)
         model.inference = InferenceRecord.load(directory)
         return model
+
+
+def read_model_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
+    """The registered model name and its checked config from a saved model's ``config.json``.
+
+    Raises:
+        CheckpointError: a missing or malformed file, an unknown model, unknown or mistyped keys.
+    """
+    config_path = Path(directory) / CONFIG_NAME
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"not a saved cmgnet model ({_first(err)})", config_path) from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), str) \
+            or not isinstance(saved.get("config"), dict):
+        raise CheckpointError('expected a JSON object {"model": <name>, "config": {...}}, got '
+                              f"{type(saved).__name__}", config_path)
+    name, config = saved["model"], saved["config"]
+    if name not in _REGISTRY:
+        raise CheckpointError(f"unknown model {name!r}; available: {', '.join(list_models())}", config_path)
+    fields = {f.name for f in dataclasses.fields(_REGISTRY[name].config_class) if f.init}
+    if unknown := sorted(set(config) - fields):
+        raise CheckpointError(f"unknown key(s) {', '.join(unknown)} in config of model {name!r}; "
+                              f"valid: {', '.join(sorted(fields))}", config_path)
+    if mistyped := _mistyped(_REGISTRY[name].config_class, config):
+        raise CheckpointError(f"mistyped value(s) in config of model {name!r}: {'; '.join(mistyped)}", config_path)
+    return name, config
 
 
 def _mistyped(config_class: type, values: dict[str, Any]) -> list[str]:

@@ -119,6 +119,14 @@ def _as_served(cfg, weights: Path, args: argparse.Namespace, overridden: set[str
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **flags)) if flags else cfg
 
 
+def model_section(weights: Path) -> dict:
+    """``arch`` and ``model`` of an experiment, from a ``save_pretrained`` folder's ``config.json``."""
+    from cmgnet.model.base import read_model_config
+
+    arch, config = read_model_config(weights)
+    return {"arch": arch, "model": config}
+
+
 def _find_weights(checkpoint: Path) -> Path:
     from cmgnet.model.base import WEIGHTS_NAME
 
@@ -161,13 +169,18 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     args = parser.parse_args(argv)
     from .config import load_config
 
-    checkpoint = Path(args.checkpoint)
+    from cmgnet.shipped import resolve_pretrained
+
+    checkpoint = resolve_pretrained(args.checkpoint)
     with _usage_errors(parser):
         weights = _find_weights(checkpoint)
         config_path = args.config or _find_config(weights) or _find_config(checkpoint)
-        if config_path is None:
-            parser.error(f"no experiment.yaml/config.yaml next to {checkpoint}: pass --config")
-        cfg = load_config(config_path, [*args.overrides, "train.resume="])
+        if config_path is None and not {"data.root", "data.sources"} & {o.split("=", 1)[0] for o in args.overrides}:
+            parser.error(f"no experiment.yaml/config.yaml next to {args.checkpoint}: pass --config, or name the "
+                         "data (data.root=FOLDER, with data.format= and data.protocol= where not isic2017/official)")
+        # Without an experiment file the network comes from the weights' own record, the data from the command line.
+        base = None if config_path else model_section(weights)
+        cfg = load_config(config_path, [*args.overrides, "train.resume="], base=base)
     eval_cfg = cfg.eval
     if args.overlays is not None:
         eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)

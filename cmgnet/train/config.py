@@ -196,6 +196,9 @@ class EvalConfig:
         postprocess: mask post-processing of every evaluation (validation included) and of serving
             (:mod:`cmgnet.model.postprocess`): ``none``, ``largest`` (largest connected
             component), ``fill`` (fill holes) or ``largest+fill``.
+        select: with several data sources, the validation Dice that picks the best weights:
+            ``all`` (per-image mean over every validation image), ``sources`` (the mean of the
+            sources' per-image means) or one source's name.
     """
 
     val_split: str = "val"
@@ -207,6 +210,7 @@ class EvalConfig:
     batch_size: int = 0
     tta: bool = False
     postprocess: PostprocessMode = "none"
+    select: str = "all"
 
 
 @dataclass
@@ -456,9 +460,14 @@ def _relative_to_file(raw: dict[str, Any], folder: Path) -> None:
     directory; so does one of these when it is not found beside the YAML.
     """
     for section, key in FILE_RELATIVE_KEYS:
-        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).is_file():
-            raw[section][key] = str(folder / value)
+        node = raw.get(section)
+        nodes = [node] if isinstance(node, dict) else []
+        if isinstance(node, dict) and isinstance(node.get("sources"), list):  # each data source's own
+            nodes += [s for s in node["sources"] if isinstance(s, dict)]
+        for node in nodes:
+            value = node.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).is_file():
+                node[key] = str(folder / value)
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -481,13 +490,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Read a YAML config (following ``base:``), apply dotted overrides, validate.
 
     Args:
         path: YAML file, the name of a shipped config (``demo``, ``paper``, ...: see
             :mod:`cmgnet.shipped`), or ``None`` for the defaults.
         overrides: ``key=value`` strings (values parsed as YAML: ``false``, ``1e-3``, ``[16, 8]``).
+        base: a config tree under the file's (e.g. a saved model's ``arch`` and ``model``).
 
     Returns:
         The validated :class:`ExperimentConfig`.
@@ -495,7 +506,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     from cmgnet.shipped import config_path
 
     raw = _read_yaml(config_path(path)) if path else {}
-    return experiment_from_tree(_deep_merge(raw, parse_overrides(overrides)))
+    return experiment_from_tree(_deep_merge(_deep_merge(dict(base or {}), raw), parse_overrides(overrides)))
 
 
 def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:

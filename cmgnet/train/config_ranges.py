@@ -14,6 +14,7 @@ A value outside its range is a :class:`~cmgnet.errors.UsageError` naming the key
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -110,6 +111,10 @@ RANGES: dict[str, Range] = {
     "data.mean": PROBABILITY,
     "data.std": POSITIVE,
     "data.max_pixels": AT_LEAST_1,
+    "data.split_fractions": PROBABILITY,
+    "data.epoch_size": NON_NEGATIVE,
+    "data.sources.split_fractions": PROBABILITY,
+    "data.sources.weight": POSITIVE,
     # model (every registered model's config class)
     "model.in_channels": AT_LEAST_1,
     "model.base_width": AT_LEAST_1,
@@ -159,7 +164,7 @@ def check_value(key: str, value: Any) -> None:
     Raises:
         UsageError: ``<key>=<value>: must be ...`` (the value shortened).
     """
-    bounds = RANGES.get(key)
+    bounds = RANGES.get(re.sub(r"\[\d+\]", "", key))  # a list item's field: data.sources[1].weight
     if bounds is None:
         return
     items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
@@ -192,3 +197,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         raise UsageError("loss.dice_weight=0: with loss.bce_weight=0 there is no loss to train on")
     if (dim := getattr(model, "fusion_dim", None)) and dim % model.fusion_heads:
         raise UsageError(f"model.fusion_dim={dim}: must be a multiple of model.fusion_heads ({model.fusion_heads})")
+    names = [source.name for source in data.source_configs()]
+    if cfg.eval.select not in ("all", "sources", *names):
+        raise UsageError(f"eval.select={shown(cfg.eval.select)}: must be all, sources or a data source name "
+                         f"({', '.join(names)})")

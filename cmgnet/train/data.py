@@ -39,13 +39,13 @@ class DataModule:
     """
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int | None = None) -> None:
-        from cmgnet.data.readers import read_dataset
+        from cmgnet.data.sources import read_sources
 
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.seed = cfg.seed if seed is None else seed
-        self.records = read_dataset(cfg.format, cfg.root, metadata=cfg.metadata)  # read once, reused by every split
+        self.sources = read_sources(cfg)  # read once, reused by every split
         self._train = None
         self._eval: dict[tuple[str, str, int], Any] = {}
 
@@ -54,7 +54,7 @@ class DataModule:
 
         if self._train is None:  # one loader for the whole run: persistent workers, set_epoch per epoch
             self._train = build_loader(self.cfg, "train", batch_size, train=True, rank=self.rank,
-                                       world_size=self.world_size, seed=self.seed, epoch=epoch, records=self.records)
+                                       world_size=self.world_size, seed=self.seed, epoch=epoch, sources=self.sources)
         self._train.set_epoch(epoch)
         return self._train
 
@@ -66,7 +66,7 @@ class DataModule:
         if predicted_diagnoses is not None or key not in self._eval:
             cfg = dataclasses.replace(self.cfg, text_regime_eval=text_regime)
             loader = build_loader(cfg, split, batch_size, train=False, rank=self.rank, world_size=self.world_size,
-                                  seed=self.seed, records=self.records, predicted_diagnoses=predicted_diagnoses)
+                                  seed=self.seed, sources=self.sources, predicted_diagnoses=predicted_diagnoses)
             if predicted_diagnoses is not None:
                 return loader  # predictions change with the classifier: do not cache
             self._eval[key] = loader
@@ -82,25 +82,30 @@ class DataModule:
                 ``cmgnet data check`` for all of them).
         """
         from cmgnet.data.errors import DataError
-        from cmgnet.data.protocols import resolve_split
         from cmgnet.data.validate import orphan_masks, validate_records
 
         cfg = self.cfg
         records: dict[int, Any] = {}
         for split in dict.fromkeys(splits):
-            try:
-                samples = resolve_split(self.records, split, cfg.protocol, seed=cfg.seed, split_csv=cfg.split_csv)
-            except DataError:
-                continue
-            records.update({id(s.record): s.record for s in samples})
+            for source in self.sources:  # every source, before the first step
+                try:
+                    samples = source.split(split, cfg.seed)
+                except DataError:
+                    continue
+                records.update({id(s.record): s.record for s in samples})
         report = validate_records(list(records.values()), level=cfg.validate, max_pixels=cfg.max_pixels,
                                   workers=max(1, cfg.num_workers))
-        report.errors += orphan_masks(self.records)  # as `cmgnet data check` reports them
+        for source in self.sources:  # as `cmgnet data check` reports them
+            report.errors += orphan_masks(source.records)
         report.raise_if_failed()
 
     def diagnoses(self, split: str) -> dict[str, str | None]:
-        from cmgnet.data.protocols import resolve_split
+        from cmgnet.data.sources import split_samples
 
-        cfg = self.cfg
-        samples = resolve_split(self.records, split, cfg.protocol, seed=cfg.seed, split_csv=cfg.split_csv)
-        return {s.key: s.record.diagnosis for s in samples}
+        return {s.key: s.record.diagnosis for s in split_samples(self.sources, split, self.cfg.seed).samples}
+
+    def source_of(self, split: str) -> dict[str, str]:
+        """Sample id -> the name of its data source, for per-source metrics."""
+        from cmgnet.data.sources import split_samples
+
+        return split_samples(self.sources, split, self.cfg.seed).source_of()

@@ -56,7 +56,7 @@ from .config import ExperimentConfig, config_differences, flatten, save_config, 
 from .data import DataModule, LoaderSource
 from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of, diagnosis_report
 from .ema import WeightEMA
-from .evaluate import EvalResult, Evaluator, format_table
+from .evaluate import EvalResult, Evaluator, format_table, selection_score
 from .losses import build_loss
 from .optim import build_optimizer, build_scheduler
 from .tracking import UNLOGGED_METRICS, Tracker, eval_metrics, git_info, sigterm_as_interrupt, ui_command
@@ -561,27 +561,32 @@ class Trainer:
     def describe_run(self) -> str:
         """The run's description in the MLflow UI: model, data, protocol, text regimes, schedule."""
         cfg = self.cfg
-        return (f"{cfg.arch} on {cfg.data.format} data at `{cfg.data.root}` ({cfg.data.protocol} splits, "
-                f"{cfg.data.image_size} px); text: train `{cfg.data.text_regime_train}`, best weights picked in "
-                f"`{cfg.data.text_regime_eval}`; {cfg.train.epochs} epochs, {cfg.optim.name} lr {cfg.optim.lr:g}; "
-                f"{describe_setup(self.accelerator)}. Run directory `{self.run_dir}`; full config in "
-                "`config.yaml` and the parameters.")
+        sources = " + ".join(f"{s.format} data at `{s.root}` ({s.protocol} splits)" for s in cfg.data.source_configs())
+        return (f"{cfg.arch} on {sources}, {cfg.data.image_size} px; text: train `{cfg.data.text_regime_train}`, "
+                f"best weights picked in `{cfg.data.text_regime_eval}`; {cfg.train.epochs} epochs, "
+                f"{cfg.optim.name} lr {cfg.optim.lr:g}; {describe_setup(self.accelerator)}. Run directory "
+                f"`{self.run_dir}`; full config in `config.yaml` and the parameters.")
 
     def _log_dataset(self) -> None:
-        """The training data as an MLflow dataset input: root, protocol, split sizes and a digest."""
+        """Each data source as an MLflow dataset input: root, protocol, split sizes and a digest."""
         if not self.tracker.active:
             return
         cfg = self.cfg
-        split_keys = {}
+        sources = cfg.data.source_configs()
+        owners: dict[str, dict[str, str]] = {}
         for split in dict.fromkeys(["train", cfg.eval.val_split, *cfg.eval.splits]):
             try:
-                split_keys[split] = list(self.data.diagnoses(split))
+                owners[split] = (self.data.source_of(split) if hasattr(self.data, "source_of")
+                                 else dict.fromkeys(self.data.diagnoses(split), sources[0].name))
             except (KeyError, ValueError):  # a split this dataset does not have (evaluation skips it too)
                 continue
-        self.tracker.log_dataset(
-            cfg.data.format if cfg.data.format != "auto" else Path(cfg.data.root).name, cfg.data.root, split_keys,
-            {"format": cfg.data.format, "protocol": cfg.data.protocol, "image_size": cfg.data.image_size,
-             "text_regime_train": cfg.data.text_regime_train, "text_regime_eval": cfg.data.text_regime_eval})
+        for source in sources:
+            split_keys = {split: keys for split, owner in owners.items()
+                          if (keys := [k for k, name in owner.items() if name == source.name])}
+            self.tracker.log_dataset(
+                source.name, source.root, split_keys,
+                {"format": source.format, "protocol": source.protocol, "image_size": cfg.data.image_size,
+                 "text_regime_train": cfg.data.text_regime_train, "text_regime_eval": cfg.data.text_regime_eval})
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each (possibly resumed) epoch."""
@@ -798,7 +803,8 @@ class Trainer:
     def validate(self, epoch: int) -> dict[str, float]:
         """Score the validation split; keep the best weights by per-image mean Dice.
 
-        With ``train.ema_decay`` the averaged weights are scored and kept.
+        With several data sources, ``eval.select`` says which Dice picks them. With
+        ``train.ema_decay`` the averaged weights are scored and kept.
 
         Returns:
             ``val_<metric>`` values (per-image mean) for the epoch record.
@@ -807,7 +813,12 @@ class Trainer:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             result = self.evaluate(self.cfg.eval.val_split, regime, with_hd95=False)
             metrics = {f"val_{k}": v for k, v in result.summary["per_image_mean"].items() if k != "hd95_undefined"}
-            dice = metrics["val_dice"]
+            for name, part in result.per_source.items():
+                metrics.update({f"val_{name}/{k}": v for k, v in part.summary["per_image_mean"].items()
+                                if k != "hd95_undefined"})
+            dice = selection_score(result, self.cfg.eval.select)
+            if self.cfg.eval.select != "all":
+                metrics["val_selected_dice"] = dice
             if math.isfinite(dice) and dice > self.state.best_metric:
                 self._refuse_nonfinite_weights(f"{BEST_DIR}/")
                 self.state.best_metric, self.state.best_epoch = dice, epoch

@@ -24,7 +24,9 @@ from accelerate.utils import gather_object
 from PIL import Image
 from torch import nn
 
+from cmgnet.data.config import DataConfig
 from cmgnet.data.csvfiles import spreadsheet_safe
+from cmgnet.data.errors import DataError
 from cmgnet.metrics import (
     CONVENTIONS,
     COUNT_KEYS,
@@ -63,6 +65,8 @@ class EvalResult:
         summary: :func:`cmgnet.metrics.summarize` output.
         rows: one dict per image (id, counts, metrics).
         info: extra facts written to the JSON (checkpoint, dataset, threshold, ...).
+        per_source: with several data sources, the same evaluation of each source's images
+            (split ``<split>.<source>``).
     """
 
     split: str
@@ -70,6 +74,7 @@ class EvalResult:
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    per_source: dict[str, EvalResult] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -77,6 +82,37 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"split": self.split, "text_regime": self.text_regime, **self.info, **self.summary}
+
+
+def describe_sources(data: DataConfig) -> dict[str, Any]:
+    """The ``dataset``, ``format`` and ``protocol`` of an evaluation; lists with several sources."""
+    sources = data.source_configs()
+    if len(sources) == 1:
+        return {"dataset": sources[0].root, "format": sources[0].format, "protocol": sources[0].protocol}
+    return {key: [getattr(s, attr) for s in sources]
+            for key, attr in (("dataset", "root"), ("format", "format"), ("protocol", "protocol"))}
+
+
+def selection_score(result: EvalResult, select: str = "all") -> float:
+    """The validation Dice that picks the best weights.
+
+    Args:
+        result: the validation.
+        select: ``all`` (per-image mean over every image), ``sources`` (the mean of the data
+            sources' per-image means: each source counts alike, whatever its size) or a
+            source's name (that source alone).
+
+    Raises:
+        ValueError: ``select`` names no source of a several-source result.
+    """
+    if select == "all" or not result.per_source:  # one source: every choice is its Dice
+        return result.summary["per_image_mean"]["dice"]
+    if select == "sources":
+        return sum(p.summary["per_image_mean"]["dice"] for p in result.per_source.values()) / len(result.per_source)
+    if select not in result.per_source:
+        raise ValueError(f"eval.select={select!r} names no data source of split {result.split!r} "
+                         f"(sources: {', '.join(result.per_source)}); use all, sources or a source name")
+    return result.per_source[select].summary["per_image_mean"]["dice"]
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -371,13 +407,15 @@ class Evaluator:
             The :class:`EvalResult` (identical on every process).
         """
         info = {"threshold": self.cfg.eval.threshold, "tta": tta, "postprocess": self.cfg.eval.postprocess,
-                "dataset": self.cfg.data.root, "format": self.cfg.data.format,
-                "protocol": self.cfg.data.protocol, "image_size": self.cfg.data.image_size, **info}
+                "image_size": self.cfg.data.image_size, **describe_sources(self.cfg.data), **info}
         predicted = None
         if text_regime == "predicted":
             predicted = self.predicted_diagnoses(split)
             truth = self.data.diagnoses(split)
-            train = Counter(d for d in self.data.diagnoses("train").values() if d and d != "unknown")
+            try:
+                train = Counter(d for d in self.data.diagnoses("train").values() if d and d != "unknown")
+            except DataError:  # a test-only folder: the classifier ships with the model, no baseline
+                train = Counter()
             majority = train.most_common(1)[0][0] if train else None
             info["diagnosis"] = diagnosis_report(predicted, truth, majority)
             info["diagnosis_accuracy"] = info["diagnosis"].get("accuracy")  # None: no known diagnosis
@@ -388,7 +426,15 @@ class Evaluator:
                             n_overlays=self.cfg.eval.overlays if overlay_dir else 0,
                             mean=self.cfg.data.mean, std=self.cfg.data.std, tta=tta,
                             postprocess=self.cfg.eval.postprocess)
-        return build_result(rows, split, text_regime, with_hd95, **info)
+        result = build_result(rows, split, text_regime, with_hd95, **info)
+        source_of = self.data.source_of(split) if hasattr(self.data, "source_of") else {}
+        if len(set(source_of.values())) > 1:
+            for name in dict.fromkeys(source_of.values()):
+                part = build_result([r for r in rows if source_of[r["image_id"]] == name], f"{split}.{name}",
+                                    text_regime, with_hd95, **info, source=name)
+                result.per_source[name] = part
+            result.summary["per_source"] = {name: part.summary for name, part in result.per_source.items()}
+        return result
 
     def run(self, splits: Sequence[str], text_regimes: Sequence[str], out_root: Path | None,
             log: Any = print, **info: Any) -> list[EvalResult]:
@@ -401,8 +447,6 @@ class Evaluator:
         Returns:
             The results, in order.
         """
-        from cmgnet.data.errors import DataError
-
         results: list[EvalResult] = []
         main = self.accelerator.is_main_process
         for split in splits:
@@ -421,11 +465,13 @@ class Evaluator:
                 out = out_root / f"{split}-{regime}" if out_root is not None else None
                 done.append(self.evaluate(split, regime, with_hd95=self.cfg.eval.hd95, tta=self.cfg.eval.tta,
                                           overlay_dir=out / "overlays" if out else None, **info))
+            for source in dict.fromkeys(name for result in done for name in result.per_source):
+                done += [r.per_source[source] for r in done if source in r.per_source]
             add_paired(done)
             results += done
             if main and out_root is not None:  # written once the split's pairs are compared
                 for result in done:
-                    out = out_root / f"{split}-{result.text_regime}"
+                    out = out_root / f"{result.split}-{result.text_regime}"
                     with writing(out, "the evaluation"):
                         write_result(result, out)
         if main and out_root is not None and results:
