@@ -43,7 +43,7 @@ from common import hardware, percentile, print_table, scaled_config, time_fn, wr
 from cmgnet.deploy import export_bundle  # noqa: E402
 from cmgnet.deploy.errors import BackendUnavailableError, DeployError  # noqa: E402
 from cmgnet.deploy.quantize import quantize_onnx  # noqa: E402
-from cmgnet.deploy.runtime import Runner, TorchRunner, onnxruntime_session  # noqa: E402
+from cmgnet.deploy.runners import Runner, TorchRunner, onnxruntime_session  # noqa: E402
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME  # noqa: E402
 from cmgnet.errors import cli_entry  # noqa: E402
 from cmgnet.inference import InferenceRecord, image_hw, resolve  # noqa: E402

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("train and evaluate the baselines and CMG-Net under one recipe (paper tables 1-2)",
                 "cmgnet.train.compare", "compare_main"),
     "compare-evals": ("paired difference of two evaluations of the same images, with its bootstrap 95% CI",
-                      "cmgnet.stats", "compare_evals_main"),
+                      "cmgnet.train.cli", "compare_evals_main"),
     "export": ("checkpoint -> ONNX bundle (+ int8, TensorRT engine)", "cmgnet.deploy.cli", "export_main"),
     "predict": ("images -> mask PNGs, overlays and a statistics CSV", "cmgnet.deploy.cli", "predict_main"),
     "serve": ("serve a model with NVIDIA Triton Inference Server (HTTP, gRPC, dynamic batching)", "cmgnet.deploy.cli",

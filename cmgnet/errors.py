@@ -50,44 +50,6 @@ class NonFiniteError(CmgnetError):
     """Training met a NaN or infinite loss or weights; nothing non-finite was applied or saved."""
 
 
-def load_safetensors(path: str | Path, what: str = "weights", sha256: str | None = None,
-                     record: str | Path | None = None) -> dict[str, Any]:
-    """Read a safetensors file, naming it when it is missing, empty, truncated or not safetensors,
-    differs from its recorded SHA-256 or holds NaN/inf (:mod:`cmgnet.integrity`).
-
-    Args:
-        path: the file.
-        what: what the file holds, for the message (``weights``, ``text cache``, ...).
-        sha256: the hash recorded for the file (``None``: none recorded, not checked).
-        record: the file ``sha256`` was recorded in (named in the message).
-
-    Returns:
-        Tensor name -> tensor (CPU).
-
-    Raises:
-        CheckpointError: the file cannot be read as safetensors, does not match ``sha256`` or
-            holds a non-finite floating-point value.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .integrity import check_finite, check_sha256
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} file not found", path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        size = path.stat().st_size
-        detail = "empty file" if size == 0 else f"{size} bytes, {_first_line(err)}"
-        raise CheckpointError(f"corrupt or truncated {what} ({detail}); re-save or re-download it", path) from err
-    if sha256 is not None:
-        check_sha256(path, sha256, record or "its record")
-    check_finite(tensors, path, what)
-    return tensors
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -7,7 +7,7 @@ numbers; a network with NaN weights predicts empty masks, which read as "no lesi
   diagnosis classifier that of ``classifier.safetensors`` in ``classifier.json``, under
   ``weights_sha256`` (the shipped models too); loading verifies it. A record written before
   hashes existed has no such key and still loads.
-* every safetensors file the project reads (:func:`cmgnet.errors.load_safetensors`) must hold
+* every safetensors file the project reads (:func:`load_safetensors`) must hold
   finite floating-point values only.
 
 Either failure is a :class:`~cmgnet.errors.CheckpointError` naming the file (and the tensor).
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line
 
 SHA256_KEY = "weights_sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -110,3 +110,39 @@ def check_finite(tensors: Mapping[str, Any], path: str | Path, what: str = "weig
     more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
     raise CheckpointError(f"non-finite {what}: tensor {bad[0]!r} has {count} NaN/inf of {first.numel()} values{more}; "
                           "the file is damaged or was saved from a diverged run: re-save or re-download it", path)
+
+
+def load_safetensors(path: str | Path, what: str = "weights", sha256: str | None = None,
+                     record: str | Path | None = None) -> dict[str, Any]:
+    """Read a safetensors file, naming it when it is missing, empty, truncated or not safetensors,
+    differs from its recorded SHA-256 or holds NaN/inf (:mod:`cmgnet.integrity`).
+
+    Args:
+        path: the file.
+        what: what the file holds, for the message (``weights``, ``text cache``, ...).
+        sha256: the hash recorded for the file (``None``: none recorded, not checked).
+        record: the file ``sha256`` was recorded in (named in the message).
+
+    Returns:
+        Tensor name -> tensor (CPU).
+
+    Raises:
+        CheckpointError: the file cannot be read as safetensors, does not match ``sha256`` or
+            holds a non-finite floating-point value.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found", path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        size = path.stat().st_size
+        detail = "empty file" if size == 0 else f"{size} bytes, {one_line(err)}"
+        raise CheckpointError(f"corrupt or truncated {what} ({detail}); re-save or re-download it", path) from err
+    if sha256 is not None:
+        check_sha256(path, sha256, record or "its record")
+    check_finite(tensors, path, what)
+    return tensors

@@ -12,7 +12,7 @@ models): the per-image differences ``a_i - b_i`` are bootstrapped, so the interv
 difference reflects how consistently one beats the other image by image, which two separate
 intervals side by side cannot show.
 
-    cmgnet compare-evals runs/x/eval/test-metadata runs/x/eval/test-shuffled
+``cmgnet compare-evals A B`` (:mod:`cmgnet.train.cli`) compares two evaluations' per-image CSVs.
 
 This module needs numpy only.
 """
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmgnet.errors import CmgnetError, cli_entry
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -132,46 +130,6 @@ def paired_differences(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, 
             for m in metrics if all(m in r for r in a) and all(m in r for r in b)}
 
 
-def read_per_image(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
-    """The rows of an evaluation's ``per_image.csv`` (a file or the ``<split>-<regime>/`` folder holding it).
-
-    Returns:
-        ``(the CSV file, rows)``: ``image_id`` as written and every other numeric cell as a float
-        (an empty cell: NaN).
-
-    Raises:
-        CmgnetError: no such file, no ``image_id`` column, no rows or an id listed twice.
-        DataError: an unreadable CSV.
-    """
-    from cmgnet.data.csvfiles import read_csv
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "per_image.csv"
-    if not path.is_file():
-        raise CmgnetError("no such per-image CSV (an evaluation's <split>-<regime>/per_image.csv)", path)
-    columns, lines = read_csv(path)
-    if "image_id" not in columns:
-        raise CmgnetError(f"no image_id column (columns: {', '.join(columns)})", path)
-    rows, seen = [], set()
-    for number, cells in lines:
-        if cells["image_id"] in seen:
-            raise CmgnetError(f"row {number}: image {cells['image_id']!r} listed twice", path)
-        seen.add(cells["image_id"])
-        row: dict[str, Any] = {"image_id": cells["image_id"]}
-        for name, cell in cells.items():
-            if name == "image_id":
-                continue
-            try:
-                row[name] = float(cell) if cell.strip() else math.nan
-            except ValueError:
-                row[name] = cell  # split, text_regime
-        rows.append(row)
-    if not rows:
-        raise CmgnetError("no images listed", path)
-    return path, rows
-
-
 def format_paired(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]], percent: Sequence[str] = ()) -> str:
     """A fixed-width table of paired comparisons, one line per (comparison, metric).
 
@@ -199,45 +157,3 @@ def format_paired(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]], pe
     title = (f"[paired per-image differences over the same images; {BOOTSTRAP['method']}, {RESAMPLES} resamples, "
              f"seed {SEED}; fractions in %, HD95 in px]")
     return "\n".join([title, fmt(head), *(fmt(c) for c in lines)])
-
-
-@cli_entry
-def compare_evals_main(argv: Sequence[str] | None = None, prog: str = "cmgnet compare-evals") -> int:
-    """``cmgnet compare-evals A B [--metric dice ...] [--json FILE]``: paired difference A - B."""
-    import json
-
-    from cmgnet.cliargs import make_parser
-
-    parser = make_parser(prog, "Paired comparison of two evaluations of the same images: the mean per-image "
-                         "difference A - B of each metric and its 95% percentile-bootstrap interval (images "
-                         "resampled together, 2000 resamples, seed 0).", [
-        f"{prog} runs/x/eval/test-metadata runs/x/eval/test-shuffled",
-        f"{prog} eval-a/test-none/per_image.csv eval-b/test-none/per_image.csv --metric dice thresholded_jaccard",
-    ])
-    parser.add_argument("a", help="evaluation A: a <split>-<regime>/ folder of `cmgnet evaluate` or its per_image.csv")
-    parser.add_argument("b", help="evaluation B, of the same images")
-    parser.add_argument("--metric", nargs="+", default=None, metavar="NAME",
-                        help="metrics to compare (default: every per-image metric both files have)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the comparison to this JSON file")
-    args = parser.parse_args(argv)
-    from cmgnet.metrics import METRICS
-
-    path_a, rows_a = read_per_image(args.a)
-    path_b, rows_b = read_per_image(args.b)
-    metrics = args.metric or [m for m in METRICS if m in rows_a[0] and m in rows_b[0]]
-    if missing := [m for m in metrics if m not in rows_a[0] or m not in rows_b[0]]:
-        raise CmgnetError(f"no column {missing[0]!r} in both files", path_a if missing[0] not in rows_a[0] else path_b)
-    try:
-        result = paired_differences(rows_a, rows_b, metrics)
-    except ValueError as err:
-        raise CmgnetError(f"{err}; compare evaluations of the same split", path_b) from err
-    label = "A - B"
-    print(f"A: {path_a}\nB: {path_b}")
-    print(format_paired({label: result}, percent=[m for m in metrics if m != "hd95"]))
-    if args.json:
-        from cmgnet.train.checkpoint import atomic_write_text
-
-        report = {"a": str(path_a), "b": str(path_b), "bootstrap": BOOTSTRAP, "paired": result}
-        atomic_write_text(Path(args.json), json.dumps(report, indent=2, allow_nan=True) + "\n")
-        print(f"written to {args.json}")
-    return 0

@@ -58,7 +58,7 @@ from cmgnet.text import NEUTRAL_SENTENCE, TextFeatureCache
 from cmgnet.text.pseudo_text import TEMPLATES
 
 from .errors import BackendUnavailableError, DeployError
-from .runtime import Segmenter, load_image, onnxruntime_session, preprocess, resolve_model_path, serving_record
+from .runners import load_image, network_inputs, onnxruntime_session, resolve_model_path, serving_record
 from .spec import (
     DEFAULT_OPSET,
     ENGINE_NAME,
@@ -68,7 +68,6 @@ from .spec import (
     OUTPUT_NAME,
     RECORD_NAME,
     TEXT_CACHE_DIR,
-    TEXT_INPUTS,
     TEXT_WEIGHTS_NAME,
     TORCH_TRT_NAME,
 )
@@ -79,15 +78,6 @@ STANDARD_SENTENCES = tuple(dict.fromkeys([NEUTRAL_SENTENCE, *TEMPLATES.values()]
 
 
 # ----------------------------------------------------------------------------- ONNX
-
-
-def network_inputs(
-    segmenter: Segmenter, images: Sequence[np.ndarray], sentences: Sequence[str]
-) -> dict[str, torch.Tensor]:
-    """The network's named inputs for images and sentences, exactly as the runtime builds them."""
-    features, mask = segmenter.text_inputs(sentences)
-    given = {IMAGE_INPUT: preprocess(images, segmenter.record), TEXT_INPUTS[0]: features, TEXT_INPUTS[1]: mask}
-    return {name: given[name] for name in segmenter.record.input_names}
 
 
 def _random_images(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
@@ -111,8 +101,7 @@ def export_onnx(model: SegmentationModel, record: InferenceRecord, path: str | P
         ``path``.
     """
     model = model.eval().cpu()
-    segmenter = Segmenter.from_model(model, record=record)
-    example = network_inputs(segmenter, _random_images(2, record.image_size, 0), [NEUTRAL_SENTENCE] * 2)
+    example = network_inputs(model, record, _random_images(2, record.image_size, 0), [NEUTRAL_SENTENCE] * 2)
     dims = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     dynamic = {name: (dims if name == IMAGE_INPUT else {0: "batch"}) for name in example}
     for chatter in ("torch.onnx", "onnx_ir", "onnxscript"):  # per-op registration and pass notes, not problems
@@ -182,11 +171,11 @@ def verify_onnx(
     except onnx.checker.ValidationError as err:
         raise DeployError(f"{path}: ONNX checker: {err}") from err
     session = onnxruntime_session(path)
-    segmenter = Segmenter.from_model(model.eval().cpu(), record=record)
+    model = model.eval().cpu()
     results = []
     for batch in batch_sizes:
         sentences = [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)] for i in range(batch)]
-        inputs = network_inputs(segmenter, _random_images(batch, record.image_size, seed + batch), sentences)
+        inputs = network_inputs(model, record, _random_images(batch, record.image_size, seed + batch), sentences)
         with torch.no_grad():
             expected = model(*inputs.values()).numpy()
         got = session.run([OUTPUT_NAME], {k: v.numpy() for k, v in inputs.items()})[0]
@@ -298,10 +287,9 @@ def calibration_inputs(
     model: SegmentationModel, record: InferenceRecord, images: Sequence[Path]
 ) -> list[dict[str, np.ndarray]]:
     """Batch-1 network inputs for int8 calibration: each image with a standard sentence in turn."""
-    segmenter = Segmenter.from_model(model, record=record)
     feeds = []
     for i, path in enumerate(images):
-        inputs = network_inputs(segmenter, [load_image(path)], [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)]])
+        inputs = network_inputs(model, record, [load_image(path)], [STANDARD_SENTENCES[i % len(STANDARD_SENTENCES)]])
         feeds.append({k: v.numpy() for k, v in inputs.items()})
     return feeds
 

@@ -55,7 +55,8 @@ from cmgnet.errors import cli_entry
 from cmgnet.outputs import OutputLock, refuse_existing, writing
 
 from .errors import DeployError
-from .runtime import BACKENDS, SEGMENTER_TEXT_REGIMES, Prediction, Segmenter, load_image
+from .runners import load_image
+from .runtime import BACKENDS, SEGMENTER_TEXT_REGIMES, Prediction, Segmenter
 from .runtime import lesion_statistics  # noqa: F401 - the CSV statistics, importable from here as before
 
 CSV_COLUMNS = (

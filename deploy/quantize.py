@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendUnavailableError
-from .runtime import onnxruntime_session
+from .runners import onnxruntime_session
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose")
 

@@ -179,7 +179,8 @@ def test_a_contradicting_value_is_refused_unless_forced(trained, tmp_path, capsy
 
 
 def test_center_crop_is_applied_and_pasted_back():
-    from cmgnet.deploy.runtime import postprocess, preprocess
+    from cmgnet.deploy.runners import preprocess
+    from cmgnet.deploy.runtime import postprocess
 
     spec = InferenceRecord(model="cmgnet", image_size=(16, 16), stride=16, center_crop=True)
     image = np.zeros((16, 32, 3), dtype=np.uint8)

@@ -24,7 +24,8 @@ from cmgnet.data.records import LesionRecord
 from cmgnet.deploy import BackendUnavailableError, DeployError, Segmenter
 from cmgnet.deploy.export import STANDARD_SENTENCES, _build_tensorrt, log_to_mlflow, verify_onnx
 from cmgnet.deploy.predict import lesion_statistics
-from cmgnet.deploy.runtime import bundle_text_encoder, onnxruntime_session, postprocess, preprocess
+from cmgnet.deploy.runners import onnxruntime_session, preprocess
+from cmgnet.deploy.runtime import bundle_text_encoder, postprocess
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, RECORD_NAME, TEXT_CACHE_DIR, file_sha256
 from cmgnet.deploy.trt_engine import onnx_input_dims, profile_shapes
 from cmgnet.errors import UsageError

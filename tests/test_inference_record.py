@@ -183,7 +183,7 @@ def test_a_malformed_deploy_json_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize("center_crop", [False, True])
 def test_the_evaluation_transform_is_the_serving_preprocessing(center_crop):
     """Loader (apply_transform, no augmentation) and serving (runtime.preprocess): the same numbers, exactly."""
-    from cmgnet.deploy.runtime import preprocess
+    from cmgnet.deploy.runners import preprocess
 
     record = InferenceRecord(image_size=(48, 48), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), center_crop=center_crop)
     image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)

@@ -231,7 +231,7 @@ def test_nan_probabilities_fail_predict_naming_the_model(checkpoint, image, tmp_
 
 @pytest.mark.slow
 def test_nan_probabilities_from_onnxruntime_name_the_onnx_file(checkpoint, image, tmp_path, capsys, monkeypatch):
-    from cmgnet.deploy.runtime import OnnxRuntimeRunner
+    from cmgnet.deploy.runners import OnnxRuntimeRunner
 
     bundle = tmp_path / "bundle"
     assert run_entry("export", checkpoint, image, bundle) == 0

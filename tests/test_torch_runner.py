@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from cmgnet.deploy.runtime import TorchRunner
+from cmgnet.deploy.runners import TorchRunner
 from cmgnet.model import CMGNet, create_model
 
 

@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cmgnet.errors import CheckpointError, load_safetensors, shown
+from cmgnet.errors import CheckpointError, shown
 from cmgnet.inference import INFERENCE_NAME, InferenceRecord
-from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, recorded_sha256
+from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, load_safetensors, recorded_sha256
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -66,6 +66,15 @@ def convert_config(config: Any, name: str, **overrides: Any) -> Any:
     return cls(**(shared | overrides))
 
 
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Keep every BatchNorm in ``module`` at its (pretrained) statistics and affine values."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
 class SegmentationModel(nn.Module):
     """A binary segmentation network with a dataclass config and safe (de)serialisation.
 
@@ -96,9 +105,7 @@ class SegmentationModel(nn.Module):
     def train(self, mode: bool = True) -> SegmentationModel:
         super().train(mode)
         if mode and getattr(self.config, "freeze_encoder_bn", False):
-            from .unet import freeze_batchnorm  # BatchNorm stays frozen through .train()
-
-            freeze_batchnorm(self.encoder)
+            freeze_batchnorm(self.encoder)  # BatchNorm stays frozen through .train()
         return self
 
     def num_parameters(self, trainable_only: bool = False) -> int:

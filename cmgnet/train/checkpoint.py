@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from cmgnet.errors import CheckpointError, load_safetensors
+from cmgnet.errors import CheckpointError
+from cmgnet.integrity import load_safetensors
 from cmgnet.outputs import writing
 
 LATEST = "latest"

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cmgnet.errors import load_safetensors
+from cmgnet.integrity import load_safetensors
 from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, recorded_sha256
 
 CONFIG_NAME = "classifier.json"

@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 from cmgnet.data.config import DataConfig
-from cmgnet.data.csvfiles import spreadsheet_safe
+from cmgnet.data.csvfiles import read_csv, spreadsheet_safe
 from cmgnet.data.errors import DataError
 from cmgnet.metrics import (
     CONVENTIONS,
@@ -39,6 +39,7 @@ from cmgnet.metrics import (
 
 from cmgnet.model.postprocess import clean_masks
 from cmgnet.model.tta import flip_tta
+from cmgnet.errors import CmgnetError
 from cmgnet.outputs import writing
 from cmgnet.stats import BOOTSTRAP, format_paired, paired_differences
 
@@ -313,6 +314,44 @@ def write_result(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
             writer.writerow(spreadsheet_safe({**row, "split": result.split, "text_regime": result.text_regime},
                                              ("image_id",)))
     return {"json": json_path, "csv": csv_path}
+
+
+def read_per_image(path: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """The rows of an evaluation's ``per_image.csv`` (a file or the ``<split>-<regime>/`` folder holding it).
+
+    Returns:
+        ``(the CSV file, rows)``: ``image_id`` as written and every other numeric cell as a float
+        (an empty cell: NaN).
+
+    Raises:
+        CmgnetError: no such file, no ``image_id`` column, no rows or an id listed twice.
+        DataError: an unreadable CSV.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "per_image.csv"
+    if not path.is_file():
+        raise CmgnetError("no such per-image CSV (an evaluation's <split>-<regime>/per_image.csv)", path)
+    columns, lines = read_csv(path)
+    if "image_id" not in columns:
+        raise CmgnetError(f"no image_id column (columns: {', '.join(columns)})", path)
+    rows, seen = [], set()
+    for number, cells in lines:
+        if cells["image_id"] in seen:
+            raise CmgnetError(f"row {number}: image {cells['image_id']!r} listed twice", path)
+        seen.add(cells["image_id"])
+        row: dict[str, Any] = {"image_id": cells["image_id"]}
+        for name, cell in cells.items():
+            if name == "image_id":
+                continue
+            try:
+                row[name] = float(cell) if cell.strip() else math.nan
+            except ValueError:
+                row[name] = cell  # split, text_regime
+        rows.append(row)
+    if not rows:
+        raise CmgnetError("no images listed", path)
+    return path, rows
 
 
 def existing_evaluation(out: str | Path) -> list[Path]:

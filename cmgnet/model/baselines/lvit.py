@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import FeedForward, MultiHeadAttention
-from ..base import SegmentationModel, register_model
-from ..unet import UNetDecoder, build_encoder, freeze_batchnorm
+from ..base import SegmentationModel, freeze_batchnorm, register_model
+from ..unet import UNetDecoder, build_encoder
 from ._common import LearnedPositions, TextGuidedConfig, build_text_branch, check_scales
 
 

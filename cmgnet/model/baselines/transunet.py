@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..base import SegmentationModel, register_model
+from ..base import SegmentationModel, freeze_batchnorm, register_model
 from ..config import UNetConfig
-from ..unet import UNetDecoder, build_encoder, freeze_batchnorm
+from ..unet import UNetDecoder, build_encoder
 from ._common import LearnedPositions
 
 
