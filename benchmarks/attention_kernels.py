@@ -35,13 +35,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, print_table, time_fn, write_json  # noqa: E402
-
-from cmgnet import kernels  # noqa: E402
-from cmgnet.errors import cli_entry  # noqa: E402
-from cmgnet.kernels import dispatch_table, reference  # noqa: E402
-from cmgnet.kernels.dispatch import axial_key, decode_key, gated_cross_key  # noqa: E402
+from cmgnet import kernels
+from cmgnet.benchmarking import hardware, print_table, time_fn, write_json
+from cmgnet.errors import cli_entry
+from cmgnet.kernels import dispatch_table, reference
+from cmgnet.kernels.dispatch import axial_key, decode_key, gated_cross_key
 
 PYTORCH_IMPLS = ("eager", "sdpa", "compile")
 IMPLS = (*PYTORCH_IMPLS, "triton")

@@ -14,12 +14,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
-
-from cmgnet.cli import COMMANDS  # noqa: E402  (light: no torch)
+from cmgnet.benchmarking import print_table, write_json
+from cmgnet.cli import COMMANDS  # light: no torch
 
 
 def wall_times(argv: list[str], repeats: int) -> list[float]:

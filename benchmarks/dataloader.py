@@ -20,7 +20,6 @@ import argparse
 import itertools
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,11 +27,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, print_table, write_json  # noqa: E402
-
-from cmgnet.data import DataConfig, build_loader, dali_available, generate_dataset  # noqa: E402
-from cmgnet.errors import cli_entry  # noqa: E402
+from cmgnet.benchmarking import hardware, print_table, write_json
+from cmgnet.data import DataConfig, build_loader, dali_available, generate_dataset
+from cmgnet.errors import cli_entry
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

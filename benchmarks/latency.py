@@ -37,18 +37,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, percentile, print_table, scaled_config, time_fn, write_json  # noqa: E402
-
-from cmgnet.deploy import export_bundle  # noqa: E402
-from cmgnet.deploy.errors import BackendUnavailableError, DeployError  # noqa: E402
-from cmgnet.deploy.quantize import quantize_onnx  # noqa: E402
-from cmgnet.deploy.runners import Runner, TorchRunner, onnxruntime_session  # noqa: E402
-from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME  # noqa: E402
-from cmgnet.errors import cli_entry  # noqa: E402
-from cmgnet.inference import InferenceRecord, image_hw, resolve  # noqa: E402
-from cmgnet.model import CMGNet, SegmentationModel  # noqa: E402
-from cmgnet.text.pseudo_text import TEMPLATES  # noqa: E402
+from cmgnet.benchmarking import hardware, percentile, print_table, scaled_config, time_fn, write_json
+from cmgnet.deploy import export_bundle
+from cmgnet.deploy.errors import BackendUnavailableError, DeployError
+from cmgnet.deploy.quantize import quantize_onnx
+from cmgnet.deploy.runners import Runner, TorchRunner, onnxruntime_session
+from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME
+from cmgnet.errors import cli_entry
+from cmgnet.inference import InferenceRecord, image_hw, resolve
+from cmgnet.model import CMGNet, SegmentationModel
+from cmgnet.text.pseudo_text import TEMPLATES
 
 CPU_BACKENDS = ("eager", "compile", "onnxruntime", "onnxruntime-int8")
 GPU_BACKENDS = (

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cost_variants, hardware, print_table, scaled_config, time_fn, write_json  # noqa: E402
-
-from cmgnet.model import CMGNet  # noqa: E402
-from cmgnet.errors import cli_entry  # noqa: E402
+from cmgnet.benchmarking import cost_variants, hardware, print_table, scaled_config, time_fn, write_json
+from cmgnet.errors import cli_entry
+from cmgnet.model import CMGNet
 
 
 

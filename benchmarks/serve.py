@@ -35,10 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, print_table, write_json  # noqa: E402
-
-from cmgnet.errors import cli_entry  # noqa: E402
+from cmgnet.benchmarking import percentile, print_table, write_json
+from cmgnet.errors import cli_entry
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "isic2018-256"

@@ -16,19 +16,16 @@ import argparse
 import dataclasses
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cost_variants, hardware, print_table, scaled_config, time_fn, write_json  # noqa: E402
-
-from cmgnet.model import CMGNet, create_model  # noqa: E402
-from cmgnet.errors import cli_entry  # noqa: E402
-from cmgnet.train.config import LossConfig, OptimConfig, load_config  # noqa: E402
-from cmgnet.train import precision  # noqa: E402
-from cmgnet.train.losses import build_loss  # noqa: E402
-from cmgnet.train.optim import build_optimizer  # noqa: E402
+from cmgnet.benchmarking import cost_variants, hardware, print_table, scaled_config, time_fn, write_json
+from cmgnet.errors import cli_entry
+from cmgnet.model import CMGNet, create_model
+from cmgnet.train import precision
+from cmgnet.train.config import LossConfig, OptimConfig, load_config
+from cmgnet.train.losses import build_loss
+from cmgnet.train.optim import build_optimizer
 
 
 

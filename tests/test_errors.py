@@ -9,7 +9,6 @@ import importlib.util
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,12 +88,8 @@ def run_entry(entry: str, checkpoint: Path, tmp_path: Path, image: Path) -> int:
     if entry == "evaluate":
         return cli_main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"), "--no-hd95"])
     spec = importlib.util.spec_from_file_location("latency_bench", REPO_ROOT / "benchmarks" / "latency.py")
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module.main(["--checkpoint", str(checkpoint), "--backends", "eager", "--batches", "1", "--iters", "1",
                         "--warmup", "0", "--out", str(tmp_path / "latency.json")])
 

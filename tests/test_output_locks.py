@@ -183,11 +183,7 @@ def test_a_second_training_with_the_same_run_name_fails_at_once(assets, tmp_path
 
 def _ship(assets, tmp_path: Path, out: Path) -> int:
     """``launch/ship_model.py`` on the tiny checkpoint, with an evaluation summary that fits it."""
-    sys.path.insert(0, str(REPO_ROOT / "launch"))
-    try:
-        import ship_model
-    finally:
-        sys.path.remove(str(REPO_ROOT / "launch"))
+    from cmgnet import ship as ship_model
     import torch
 
     from cmgnet.metrics import per_image_rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -60,10 +59,9 @@ def test_cli_lists_the_model_and_prints_its_card(capsys):
 
 
 def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
-    sys.path.insert(0, str(PRETRAINED_DIR.parents[1] / "launch"))
-    import ship_model
     import yaml
 
+    from cmgnet import ship as ship_model
     from cmgnet.inference import InferenceRecord
     from cmgnet.metrics import per_image_rows
     from cmgnet.model import CMGNet
@@ -75,7 +73,7 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     net.save_pretrained(src)
     exp = {"train": {"epochs": 1, "batch_size": 2, "mixed_precision": "bf16", "channels_last": True},
            "optim": {"lr": 1e-3, "encoder_lr_mult": 0.3},
-           "data": {"augment": "paper", "scale_range": [0.75, 1.33], "shift_range": 0.1,
+           "data": {"format": "isic2018", "protocol": "split-csv", "augment": "paper", "scale_range": [0.75, 1.33], "shift_range": 0.1,
                     "text_regime_train": "oracle", "text_regime_eval": "metadata"}}
     (src / "experiment.yaml").write_text(yaml.safe_dump(exp))
     rows = per_image_rows(torch.ones(2, 1, 8, 8, dtype=torch.bool), torch.ones(2, 1, 8, 8, dtype=torch.bool), ["a", "b"])
@@ -97,6 +95,7 @@ def test_ship_tool_writes_fp16_weights_and_a_card(tmp_path, make_tiny_config):
     card = (out / "README.md").read_text()
     assert "| metadata | no | 100.0 |" in card and "post-processing `none`" in card
     assert "bf16 autocast, channels-last" in card and "zoom x0.75-1.33 and shift up to 10%" in card
+    assert "released under CC BY-NC 4.0" in card and "(121 ISIC 2017 validation images)" in card
     result.info["postprocess"] = "largest"
     (tmp_path / "eval" / "summary.json").write_text(json.dumps({"test/metadata": result.to_json()}))
     assert ship_model.main([*args, "--postprocess", "largest", "--note", "Chosen on val."]) == 0
@@ -143,3 +142,16 @@ def test_evaluate_by_name_on_a_test_only_folder_in_every_regime(tmp_path, capsys
         assert result["tta"] is True and result["postprocess"] == "largest"  # as served
     assert summary["test/predicted"]["diagnosis"]["n"] == 3
     assert "majority_class" not in summary["test/predicted"]["diagnosis"]  # no training split to count
+
+
+def test_a_card_names_every_source_and_the_strictest_licence():
+    from cmgnet.ship import data_lines
+
+    data = {"sources": [
+        {"name": "isic", "format": "isic2018", "protocol": "split-csv", "weight": 0.6},
+        {"name": "ham10000", "format": "ham10000", "protocol": "grouped", "split_fractions": [0.9, 0.05, 0.05],
+         "weight": 0.4}]}
+    bullets, heading, licence = data_lines(data)
+    assert "- Data (isic): ISIC 2018" in bullets and "60% of each epoch" in bullets
+    assert "- Data (ham10000): HAM10000" in bullets and "90:5:5 (train:val:test); 40% of each epoch" in bullets
+    assert heading == "" and "CC BY-NC-SA 4.0" in licence and "same terms" in licence
