@@ -37,7 +37,7 @@ import torch
 
 from cmgnet import kernels
 from cmgnet.benchmarking import hardware, print_table, time_fn, write_json
-from cmgnet.errors import cli_entry
+from cmgnet.errors import cli_entry, one_line
 from cmgnet.kernels import dispatch_table, reference
 from cmgnet.kernels.dispatch import axial_key, decode_key, gated_cross_key
 
@@ -245,7 +245,7 @@ def run_case(case: Case, impls: list[str], device: torch.device, warmup: int, it
         try:
             row |= measure(case, case.impls[impl], device, warmup, iters)
         except Exception as error:  # one failing path (OOM, compile error) must not lose the run
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+            row["error"] = one_line(error, with_type=True)[:200]
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()

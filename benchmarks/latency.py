@@ -43,7 +43,7 @@ from cmgnet.deploy.errors import BackendUnavailableError, DeployError
 from cmgnet.deploy.quantize import quantize_onnx
 from cmgnet.deploy.runners import Runner, TorchRunner, onnxruntime_session
 from cmgnet.deploy.spec import ENGINE_NAME, INT8_ONNX_NAME, ONNX_NAME, TORCH_TRT_NAME
-from cmgnet.errors import cli_entry
+from cmgnet.errors import cli_entry, one_line
 from cmgnet.inference import InferenceRecord, image_hw, resolve
 from cmgnet.model import CMGNet, SegmentationModel
 from cmgnet.text.pseudo_text import TEMPLATES
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                         fn = make_runner(backend, model, inputs, device, bundle, spec, args.threads, max(args.batches))
                         stats = measure(fn, batch, args.warmup, args.iters, cuda)
                     except (BackendUnavailableError, DeployError, ImportError, OSError, RuntimeError) as err:
-                        skipped[backend] = f"{err.__class__.__name__}: {str(err).splitlines()[0][:160]}"
+                        skipped[backend] = one_line(err, with_type=True)[:160]
                         continue
                     finally:
                         fn = None  # release an ONNX Runtime session (and its spinning threads) before the next backend

@@ -56,11 +56,16 @@ def _first_line(err: BaseException) -> str:
     return "; ".join(lines) if lines else err.__class__.__name__
 
 
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its message (lines joined), the type for non-cmgnet errors."""
+def one_line(err: BaseException, with_type: bool = False) -> str:
+    """An exception as one line: its message (lines joined), the type for non-cmgnet errors.
+
+    Args:
+        err: the exception.
+        with_type: name the type whatever the error (for reports that keep going past it).
+    """
     text = _first_line(err)
     from_us = isinstance(err, CmgnetError) or err.__class__.__module__.startswith("cmgnet")
-    if from_us or isinstance(err, (OSError, ValueError, KeyError, TypeError)):
+    if not with_type and (from_us or isinstance(err, (OSError, ValueError, KeyError, TypeError))):
         return text
     return f"{err.__class__.__name__}: {text}"
 

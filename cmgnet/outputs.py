@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -250,6 +251,48 @@ def writing(path: str | Path, what: str = "") -> Iterator[None]:
         if found is None or int(found.group(1)) not in WRITE_ERRNOS:
             raise
         raise WriteFailedError(f"{label} ({os.strerror(int(found.group(1)))})", path) from err
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (where the OS supports it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not supported on every OS/file system; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small file so readers see either the old or the new content.
+
+    Raises:
+        WriteFailedError: the disk is full, read-only or not writable (naming ``path``; the old
+            content stays).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes writing the same file do not share it
+    with writing(path), open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place (``dst`` is replaced; a crash keeps one of them)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def refuse_existing(folder: str | Path, found: Sequence[Path], overwrite: bool, what: str = "results") -> None:

@@ -25,7 +25,7 @@ import yaml
 from cmgnet.errors import CmgnetError
 from cmgnet.inference import POSTPROCESS_MODES, InferenceRecord
 from cmgnet.integrity import record_sha256
-from cmgnet.outputs import OutputLock
+from cmgnet.outputs import OutputLock, replace_dir
 from cmgnet.yamlio import load_yaml
 
 CARD_TEMPLATE = """# {name}
@@ -280,8 +280,7 @@ def _write(args: argparse.Namespace, src: Path, record: InferenceRecord, rows: l
     )
     (tmp / "README.md").write_text(card)
     (tmp / "results.json").write_text(json.dumps({"wall_time": args.wall_time, "test": rows}, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     print(f"shipped {args.name}: {out} ({size_mb:.1f} MB)")
     return 0
 

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from cmgnet import kernels
 from cmgnet.data.imageio import IMAGE_EXTENSIONS
-from cmgnet.errors import UsageError, cli_entry
+from cmgnet.errors import UsageError, cli_entry, one_line
 from cmgnet.inference import INFERENCE_NAME, LEGACY_BUNDLE_NAME, InferenceRecord, image_hw, resolve
 from cmgnet.model import SegmentationModel
 from cmgnet.outputs import OutputLock, refuse_existing, writing
@@ -335,8 +335,8 @@ def log_to_mlflow(directory: Path, run_id: str, tracking_uri: str | None = None,
         client.set_tag(run_id, "cmgnet.deploy_bundle", artifact_path)
     except Exception as err:  # noqa: BLE001 - logging is optional: any MLflow failure is reported, not fatal
         uri = tracking_uri or mlflow.get_tracking_uri()
-        print(f"warning: could not log the bundle to MLflow run {run_id} at {uri}: {err.__class__.__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
+        print(f"warning: could not log the bundle to MLflow run {run_id} at {uri}: {one_line(err, with_type=True)}",
+              file=sys.stderr)
         return False
     return True
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cmgnet.data.augment.torch_ops import preprocess_image
 from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded, to_array
+from cmgnet.errors import one_line
 from cmgnet.inference import InferenceRecord, complete_for_model, record_for_model
 from cmgnet.model import SegmentationModel
 
@@ -206,8 +207,7 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # noqa: BLE001 - ORT raises pybind types (InvalidProtobuf, Fail) outside any hierarchy
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DeployError(f"{path}: not a loadable ONNX model ({err.__class__.__name__}: {detail}); "
+        raise DeployError(f"{path}: not a loadable ONNX model ({one_line(err, with_type=True)}); "
                           "re-export it with `cmgnet export`") from err
 
 

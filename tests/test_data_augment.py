@@ -21,7 +21,7 @@ from cmgnet.data.augment import (
     variant_params,
 )
 from cmgnet.data.augment.params import BLUR_SIGMA, RGB_SHIFT, crop_box
-from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD
 from cmgnet.inference import InferenceRecord
 
 SPEC = TransformSpec(InferenceRecord(image_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD), variants=True)

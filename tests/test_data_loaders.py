@@ -17,7 +17,7 @@ from data_fixtures import (
 )
 
 from cmgnet.data import DataConfig, SegmentationDataset, build_loader, generate_dataset, read_isic2017
-from cmgnet.data.config import IMAGENET_MEAN, IMAGENET_STD
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD
 from cmgnet.text.pseudo_text import NEUTRAL_SENTENCE, TEMPLATES
 
 BACKENDS = ["torch", pytest.param("dali", marks=requires_dali)]

@@ -334,7 +334,8 @@ def test_the_safetensors_writer_failing_for_real_names_the_file(tmp_path):
         import resource, signal, sys, torch
         from pathlib import Path
         from cmgnet.outputs import WriteFailedError
-        from cmgnet.train.checkpoint import atomic_write_text, save_state
+        from cmgnet.outputs import atomic_write_text
+        from cmgnet.train.checkpoint import save_state
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         for write in (lambda: save_state({"w": torch.zeros(10000)}, Path(sys.argv[1]), "optimizer"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cmgnet.errors import shown
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD
 from cmgnet.text.pseudo_text import TEXT_REGIMES
 
 from .augment.params import AUGMENTS
@@ -16,8 +17,6 @@ from .validate import LEVELS
 
 LOADERS: tuple[str, ...] = ("auto", "dali", "torch")
 DALI_DEVICES: tuple[str, ...] = ("auto", "cpu", "gpu")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

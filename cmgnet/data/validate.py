@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cmgnet.outputs import WriteFailedError, atomic_write_text
+
 from .errors import DataError
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageInfo, decode_image, decode_mask, probe, read_encoded
 from .records import LesionRecord
@@ -145,10 +147,8 @@ class _ValidatedCache:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, self.path)  # atomic: concurrent ranks never read half a file
-        except OSError:  # a read-only home costs speed on the next run, nothing else
+            atomic_write_text(self.path, json.dumps(self.entries))  # concurrent ranks never read half a file
+        except (OSError, WriteFailedError):  # a read-only home costs speed on the next run, nothing else
             pass
 
 

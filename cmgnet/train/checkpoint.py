@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from cmgnet.errors import CheckpointError
+from cmgnet.errors import CheckpointError, one_line
 from cmgnet.integrity import load_safetensors
-from cmgnet.outputs import writing
+from cmgnet.outputs import atomic_write_text, fsync_dir, replace_dir, writing
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -136,7 +136,7 @@ def verify_checkpoint(directory: Path) -> str | None:
         if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
             return f"{state}: not a trainer state (expected a JSON object with global_step)"
     except (OSError, ValueError) as err:
-        return f"{state}: unreadable ({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        return f"{state}: unreadable ({one_line(err, with_type=True)})"
     for path in sorted(directory.rglob("*.safetensors")):
         if "deepspeed" in path.relative_to(directory).parts:
             continue
@@ -144,7 +144,7 @@ def verify_checkpoint(directory: Path) -> str | None:
             with safe_open(str(path), "pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as err:
-            return f"{path}: corrupt or truncated ({str(err).splitlines()[0] if str(err) else 'empty'})"
+            return f"{path}: corrupt or truncated ({one_line(err)})"
         record = path.with_name(records[path.name]) if path.name in records else None
         try:
             expected = recorded_sha256(record) if record is not None else None
@@ -187,47 +187,7 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every OS/file system; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so readers see either the old or the new content.
-
-    Raises:
-        WriteFailedError: the disk is full, read-only or not writable (naming ``path``; the old
-            content stays).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path), open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place (``dst`` is replaced; a crash keeps one of them)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    _fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(directory)
 
 
 class CheckpointManager:

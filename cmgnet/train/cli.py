@@ -336,7 +336,7 @@ def compare_evals_main(argv: Sequence[str] | None = None, prog: str = "cmgnet co
     from cmgnet.metrics import METRICS
     from cmgnet.stats import BOOTSTRAP, format_paired, paired_differences
 
-    from .checkpoint import atomic_write_text
+    from cmgnet.outputs import atomic_write_text
     from .evaluate import read_per_image
 
     path_a, rows_a = read_per_image(args.a)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD
 from cmgnet.integrity import load_safetensors
 from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, recorded_sha256
 
@@ -53,7 +54,7 @@ class DiagnosisClassifier(nn.Module):
 
     def __init__(self, classes: Sequence[str], width: int = 16, encoder: str = "scratch",
                  encoder_weights: str = "none", image_size: int = 0,
-                 input_mean: Sequence[float] = (0.485, 0.456, 0.406), input_std: Sequence[float] = (0.229, 0.224, 0.225),
+                 input_mean: Sequence[float] = IMAGENET_MEAN, input_std: Sequence[float] = IMAGENET_STD,
                  class_weights: Sequence[float] = ()) -> None:
         super().__init__()
         if len(classes) < 2:

@@ -48,7 +48,7 @@ from cmgnet.inference import record_from_experiment
 from cmgnet.integrity import nonfinite_tensors
 from cmgnet.model import SegmentationModel, create_model
 from cmgnet.model.base import WEIGHTS_NAME
-from cmgnet.outputs import lock_on_main, writing
+from cmgnet.outputs import lock_on_main, replace_dir, writing
 
 from . import checkpoint as ckpt
 from . import precision
@@ -478,7 +478,7 @@ class Trainer:
                     self.accelerator.unwrap_model(self.classifier).save(tmp / CLASSIFIER_DIR)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 save_config(self.cfg, tmp / "experiment.yaml")
-                ckpt.replace_dir(tmp, best)
+                replace_dir(tmp, best)
         self.accelerator.wait_for_everyone()
         return best
 
@@ -860,7 +860,7 @@ class Trainer:
                         shutil.rmtree(tmp, ignore_errors=True)
                         with writing(tmp, "the diagnosis classifier"):
                             classifier.save(tmp)
-                        ckpt.replace_dir(tmp, target)
+                        replace_dir(tmp, target)
             self.accelerator.wait_for_everyone()
         return {"val_diagnosis_accuracy": report["accuracy"], "val_diagnosis_balanced_accuracy": score}
 

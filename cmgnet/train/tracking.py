@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cmgnet.errors import one_line
+
 from .config import LoggingConfig
 
 logger = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T | None]:
         try:
             return method(self, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
-            self.disable(f"{method.__name__}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            self.disable(f"{method.__name__}: {one_line(err, with_type=True)}")
             return None
 
     return wrapper

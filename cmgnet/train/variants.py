@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmgnet.errors import one_line
+
 if TYPE_CHECKING:
     from .config import ExperimentConfig, LoggingConfig
 
@@ -197,8 +199,8 @@ class ParentRun:
 
     def _fail(self, err: Exception) -> None:
         self.active = False
-        print(f"[cmgnet] MLflow parent run at {self.uri} is unavailable ({err.__class__.__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''}); the study continues without it.",
+        print(f"[cmgnet] MLflow parent run at {self.uri} is unavailable ({one_line(err, with_type=True)}); "
+              "the study continues without it.",
               file=sys.stderr, flush=True)
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cmgnet.inference import IMAGENET_MEAN, IMAGENET_STD
+
 
 ENCODERS: dict[str, Callable[..., Encoder]] = {}
 """Encoder name -> factory ``(in_channels, weights, **options) -> Encoder``."""
