@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cmgnet.tables import render
 from cmgnet.train.precision import cpu_capability
 from cmgnet.train.variants import cpu_name
 
@@ -82,10 +83,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+    print(render(columns, [[r.get(c, "") for c in columns] for r in rows], labels=len(columns)))
 
 
 def write_json(path: str | Path, rows: list[dict], **extra: object) -> None:

@@ -26,6 +26,7 @@ from cmgnet.errors import CmgnetError
 from cmgnet.inference import POSTPROCESS_MODES, InferenceRecord
 from cmgnet.integrity import record_sha256
 from cmgnet.outputs import OutputLock, replace_dir
+from cmgnet.tables import render
 from cmgnet.yamlio import load_yaml
 
 CARD_TEMPLATE = """# {name}
@@ -162,19 +163,19 @@ def results_table(rows: list[dict]) -> str:
     """Markdown table: (split,) regime, TTA, per-image Dice with its 95% CI, IoU, thresholded Jaccard,
     HD95, pooled Dice/IoU (percent, px)."""
     splits = len({r["split"] for r in rows}) > 1
-    head = ("| " + ("split | " if splits else "") + "text regime | TTA | Dice (per-image) | Dice 95% CI | "
-            "IoU (per-image) | thresholded Jaccard | HD95 px (per-image) | Dice (pooled) | IoU (pooled) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head = [*(["split"] if splits else []), "text regime", "TTA", "Dice (per-image)", "Dice 95% CI",
+            "IoU (per-image)", "thresholded Jaccard", "HD95 px (per-image)", "Dice (pooled)", "IoU (pooled)"]
+    body = []
     for r in rows:
         p, q = r["per_image_mean"], r["pooled"]
         ci = r.get("per_image_ci95", {}).get("dice")
         regime = r["text_regime"] + (" (ground-truth label)" if r["text_regime"] == "oracle" else "")
-        lines.append("| " + (f"{r['split']} ({r['n_images']}) | " if splits else "") +
-                     f"{regime} | {'flip x4' if r.get('tta') else 'no'} | {100 * p['dice']:.1f} | "
-                     f"{f'{100 * ci[0]:.1f}-{100 * ci[1]:.1f}' if ci else 'n/a'} | {100 * p['iou']:.1f} | "
-                     f"{100 * p.get('thresholded_jaccard', float('nan')):.1f} | {p.get('hd95', float('nan')):.1f} | "
-                     f"{100 * q['dice']:.1f} | {100 * q['iou']:.1f} |")
-    return "\n".join(lines)
+        body.append([*([f"{r['split']} ({r['n_images']})"] if splits else []), regime,
+                     "flip x4" if r.get("tta") else "no", f"{100 * p['dice']:.1f}",
+                     f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}" if ci else "n/a", f"{100 * p['iou']:.1f}",
+                     f"{100 * p.get('thresholded_jaccard', float('nan')):.1f}", f"{p.get('hd95', float('nan')):.1f}",
+                     f"{100 * q['dice']:.1f}", f"{100 * q['iou']:.1f}"])
+    return render(head, body, markdown=True)
 
 
 def classifier_text(rows: list[dict]) -> str:

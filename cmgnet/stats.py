@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from cmgnet.tables import render
+
 
 RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -148,12 +150,6 @@ def format_paired(comparisons: Mapping[str, Mapping[str, Mapping[str, Any]]], pe
             lines.append([label, metric, str(d["n_images"]), f"{scale * d['mean_a']:.2f}", f"{scale * d['mean_b']:.2f}",
                           f"{scale * d['difference']:+.2f}",
                           f"[{scale * d['ci95'][0]:+.2f}, {scale * d['ci95'][1]:+.2f}]"])
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-
-    def fmt(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in pairs)  # labels left, numbers right
-
     title = (f"[paired per-image differences over the same images; {BOOTSTRAP['method']}, {RESAMPLES} resamples, "
              f"seed {SEED}; fractions in %, HD95 in px]")
-    return "\n".join([title, fmt(head), *(fmt(c) for c in lines)])
+    return title + "\n" + render(head, lines, labels=2)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cmgnet.errors import cli_entry
+from cmgnet.tables import render
 
 from .csvfiles import find_column, read_csv
 from .errors import DataError
@@ -61,12 +62,6 @@ def unknown_split_ids(path: str | Path, records: Sequence[LesionRecord]) -> list
             for line, row in rows if row[id_column].strip() not in known]
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-        for row in rows
-    )
 
 
 def summarize(records: Sequence[LesionRecord], report: ValidationReport) -> str:
@@ -95,7 +90,7 @@ def summarize(records: Sequence[LesionRecord], report: ValidationReport) -> str:
         for name in ("mask_path", "diagnosis", "age", "sex", "site")
     }
     lines = [
-        _table(rows),
+        render(rows[0], rows[1:]),
         "",
         f"image sizes: {shown or 'n/a'}",
         f"masks: {len(records) - missing.pop('mask_path')} of {len(records)}",

@@ -42,6 +42,7 @@ from cmgnet.model.tta import flip_tta
 from cmgnet.errors import CmgnetError
 from cmgnet.outputs import writing
 from cmgnet.stats import BOOTSTRAP, format_paired, paired_differences
+from cmgnet.tables import render
 
 from .config import ExperimentConfig
 from .data import LoaderSource
@@ -273,15 +274,10 @@ def format_table(results: Sequence[EvalResult], convention: str = "per_image_mea
         if intervals:
             lines.append(["  95% CI", "", *("-".join(number(v, m) for v in intervals[m]) if m in intervals else ""
                                             for m in metrics)])
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
-
-    def fmt(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
     title = f"[{convention}: {CONVENTIONS[convention]}; metrics in %"
     if per_image and any(r.summary.get("per_image_ci95") for r in results):
         title += f"; 95% CI: {BOOTSTRAP['method']}, {BOOTSTRAP['resamples']} resamples, seed {BOOTSTRAP['seed']}"
-    table = "\n".join([title + "]", fmt(head), *(fmt(c) for c in lines)])
+    table = title + "]\n" + render(head, lines)
     paired = {f"{r.split}: {name.replace('_minus_', ' - ')}": d for r in results
               for name, d in r.summary.get("paired", {}).items()}
     if per_image and paired:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmgnet.errors import one_line
+from cmgnet.tables import render
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig, LoggingConfig
@@ -328,15 +329,9 @@ def results_table(rows: Sequence[Mapping[str, Any]], convention: str, text_regim
             c = row.get("cost") or {}
             cells += [_fmt(c.get("params_M"), digits=2), _fmt(c.get("gflops"), digits=2), _fmt(c.get("latency_ms"))]
         body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
     caption = f"{title} ({split} split, text regime '{text_regime}', {convention.replace('_', '-')} metrics in %"
     caption += ", [95% CI])" if convention == "per_image_mean" else ")"
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([caption, line(head), rule, *(line(b) for b in body)])
+    return caption + "\n" + render(head, body, markdown=True)
 
 
 def budget_text(cfg: ExperimentConfig, budget_minutes: float | None) -> str:
