@@ -795,7 +795,9 @@ class Trainer:
         self.save_checkpoint()
         val = ""
         if "val_dice" in record:
-            val = (f"  val dice {record['val_dice']:.4f} "
+            select = self.cfg.eval.select
+            which = "" if select == "all" else f" ({select}; all {record['val_dice']:.4f})"
+            val = (f"  val dice {record.get('val_selected_dice', record['val_dice']):.4f}{which} "
                    f"(best {self.state.best_metric:.4f} @ epoch {self.state.best_epoch + 1})")
         self.log(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train_loss']:.4f}{val}  "
                  f"lr {self.scheduler.get_last_lr()[0]:.2e}  {record['epoch_time_s']:.1f}s")
