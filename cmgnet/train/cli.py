@@ -231,7 +231,8 @@ def run_evaluation(cfg, weights: Path, splits: Sequence[str], regimes: Sequence[
 
     from .data import DataModule
     from .diagnosis import DiagnosisClassifier
-    from .engine import CLASSIFIER_DIR, apply_attention_backend, build_accelerator
+    from .auxiliary import CLASSIFIER_DIR
+    from .engine import apply_attention_backend, build_accelerator
     from .evaluate import Evaluator, existing_evaluation, format_table
     from .tracking import Tracker, eval_metrics, git_info, ui_command
 

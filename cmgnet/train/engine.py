@@ -54,7 +54,7 @@ from . import checkpoint as ckpt
 from . import precision
 from .config import ExperimentConfig, config_differences, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
-from .diagnosis import IGNORE, DiagnosisClassifier, balanced_weights, classes_of, diagnosis_report
+from .auxiliary import AuxiliaryTask, DiagnosisTask
 from .ema import WeightEMA
 from .evaluate import EvalResult, Evaluator, format_table, selection_score
 from .losses import build_loss
@@ -64,8 +64,6 @@ from .tracking import UNLOGGED_METRICS, Tracker, eval_metrics, git_info, sigterm
 logger = logging.getLogger("cmgnet.train")
 
 BEST_DIR = "best"
-CLASSIFIER_DIR = "diagnosis"
-BEST_CLASSIFIER_DIR = "best-diagnosis"
 EMA_STATE = "ema"
 RESUMABLE_MODEL_KEYS = ("text_cache_dir", "modality_dropout", "freeze_encoder_bn", "encoder_weights")
 """``model`` keys a resume may change: a cache path, training-time regularisers, the initialisation."""
@@ -246,13 +244,12 @@ class Trainer:
         if hasattr(self.data, "validate"):
             # Every file of every split this run reads, before the first step: a bad file must not end a long run.
             self.data.validate(["train", cfg.eval.val_split, *cfg.eval.splits])
-        self.classifier = self._build_classifier()
+        diagnosis = DiagnosisTask.build(cfg, self.data, self.state, self.run_dir, self.log, self.is_deepspeed)
+        self.auxiliary: list[AuxiliaryTask] = [diagnosis] if diagnosis is not None else []
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-            if self.classifier is not None:
-                self.classifier = self.classifier.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg.loss)
         train_loader = self.data.train_loader(cfg.train.batch_size, 0)
         self.steps_per_epoch = len(train_loader) // cfg.train.grad_accum
@@ -267,10 +264,11 @@ class Trainer:
                 ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         # The scheduler stays unprepared: it is stepped once per real optimiser step, by us.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        if self.classifier is not None:
-            cls_opt = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.train.diagnosis_lr, weight_decay=1e-4)
-            self.classifier, self.cls_optimizer = acc.prepare(self.classifier, cls_opt)
-        self.evaluator = Evaluator(cfg, self.model, self.data, acc, self.classifier)
+        for task in self.auxiliary:
+            task.prepare(acc, cfg.train.channels_last)
+        self.evaluator = Evaluator(cfg, self.model, self.data, acc, diagnosis.module if diagnosis else None)
+        for task in self.auxiliary:
+            task.evaluator = self.evaluator
         self.ema = None
         if cfg.train.ema_decay > 0:
             if self.is_deepspeed:  # ZeRO owns (and may partition) the weights
@@ -292,25 +290,6 @@ class Trainer:
         lock, self._run_lock = getattr(self, "_run_lock", None), None
         if lock is not None:
             lock.release()
-
-    def _build_classifier(self) -> DiagnosisClassifier | None:
-        wanted = "predicted" in self.cfg.eval.text_regimes or self.cfg.data.text_regime_eval == "predicted"
-        if not (self.cfg.train.diagnosis_classifier and wanted):
-            return None
-        if self.is_deepspeed:
-            self.log("note: the diagnosis classifier (text regime 'predicted') is not trained under DeepSpeed, "
-                     "which drives a single model")
-            return None
-        self.train_diagnoses = self.data.diagnoses("train")
-        classes = classes_of(self.train_diagnoses)
-        if len(classes) < 2:
-            self.log(f"note: training split has diagnoses {classes}; no classifier, no 'predicted' regime")
-            return None
-        train = self.cfg.train
-        weights = balanced_weights(classes, list(self.train_diagnoses.values())) if train.diagnosis_balanced else ()
-        pretrained = "imagenet" if train.diagnosis_encoder != "scratch" else "none"
-        return DiagnosisClassifier(classes, train.diagnosis_width, train.diagnosis_encoder, pretrained,
-                                   train.diagnosis_image_size, self.cfg.data.mean, self.cfg.data.std, weights)
 
     def _resolve_run_dir(self) -> Path:
         cfg = self.cfg
@@ -366,9 +345,8 @@ class Trainer:
         elif self.is_main:
             self._unwrapped().save_pretrained(directory / "model")
             ckpt.save_state(self.optimizer.state_dict(), directory, "optimizer")
-            if self.classifier is not None:
-                acc.unwrap_model(self.classifier).save(directory / CLASSIFIER_DIR)
-                ckpt.save_state(self.cls_optimizer.state_dict(), directory, "classifier_optimizer")
+            for task in self.auxiliary:
+                task.save(directory)
         if self.is_main:
             ckpt.save_state(self.scheduler.state_dict(), directory, "scheduler")
             if acc.scaler is not None:
@@ -438,10 +416,8 @@ class Trainer:
         else:
             self._unwrapped().load_weights(path / "model" / WEIGHTS_NAME)
             self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
-            if self.classifier is not None and (path / CLASSIFIER_DIR).exists():
-                loaded = DiagnosisClassifier.load(path / CLASSIFIER_DIR)
-                acc.unwrap_model(self.classifier).load_state_dict(loaded.state_dict())
-                self.cls_optimizer.load_state_dict(ckpt.load_state(path, "classifier_optimizer"))
+            for task in self.auxiliary:
+                task.load(path)
         if self.ema is not None:
             if (path / f"{EMA_STATE}.json").exists():
                 self.ema.load_state_dict(ckpt.load_state(path, EMA_STATE))
@@ -471,11 +447,8 @@ class Trainer:
                 tmp = self.run_dir / f".{BEST_DIR}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 self._unwrapped().save_pretrained(tmp)
-                kept = self.run_dir / BEST_CLASSIFIER_DIR
-                if kept.is_dir():  # the classifier's own best, not its state at this epoch
-                    shutil.copytree(kept, tmp / CLASSIFIER_DIR)
-                elif self.classifier is not None:
-                    self.accelerator.unwrap_model(self.classifier).save(tmp / CLASSIFIER_DIR)
+                for task in self.auxiliary:
+                    task.save_best(tmp)
                 (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 save_config(self.cfg, tmp / "experiment.yaml")
                 replace_dir(tmp, best)
@@ -487,9 +460,8 @@ class Trainer:
         best = self.run_dir / BEST_DIR
         with self._full_parameters(modifier_rank=0):
             self._unwrapped().load_weights(best / WEIGHTS_NAME)
-        if self.classifier is not None and (best / CLASSIFIER_DIR).exists():
-            loaded = DiagnosisClassifier.load(best / CLASSIFIER_DIR)
-            self.accelerator.unwrap_model(self.classifier).load_state_dict(loaded.state_dict())
+        for task in self.auxiliary:
+            task.load_best(best)
 
     # ------------------------------------------------------------------ the loop
     def _elapsed(self) -> float:
@@ -639,7 +611,7 @@ class Trainer:
         if cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         mask = batch["mask"].to(acc.device, non_blocking=True)
-        models = (self.model,) if self.classifier is None else (self.model, self.classifier)
+        models = (self.model, *(task.module for task in self.auxiliary))
         self.model.train()
         with acc.accumulate(*models):
             logits = self.model(image, text=list(batch["text"]))
@@ -652,13 +624,13 @@ class Trainer:
                 self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 if self._grad_norm is not None and acc.scaler is None:  # fp16 loss scaling skips inf gradients itself
                     self._flag_nonfinite(self._grad_norm, 1)
-            if self.classifier is not None:
-                self._classifier_backward(image, batch["image_id"])
+            for task in self.auxiliary:
+                self._flag_nonfinite(task.backward(image, batch), 2)
             if acc.sync_gradients and self._skip_nonfinite_step():
                 # Nothing of this window is applied: weights, moments, schedule and average stay as they were.
                 self.optimizer.zero_grad(set_to_none=True)
-                if self.classifier is not None:
-                    self.cls_optimizer.zero_grad(set_to_none=True)
+                for task in self.auxiliary:
+                    task.step(apply=False)
                 if acc.scaler is not None and cfg.optim.grad_clip > 0:
                     acc.scaler.update()  # clipping unscaled the gradients: GradScaler needs its update (backs off)
             else:
@@ -668,20 +640,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None and acc.sync_gradients:
                     self.ema.update()
-                if self.classifier is not None:
-                    self.cls_optimizer.step()
-                    self.cls_optimizer.zero_grad(set_to_none=True)
+                for task in self.auxiliary:
+                    task.step(apply=True)
         return float(loss.detach())
-
-    def _classifier_backward(self, image: Tensor, ids: list[str]) -> None:
-        self.classifier.train()
-        unwrapped = self.accelerator.unwrap_model(self.classifier)
-        target = unwrapped.targets([self.train_diagnoses.get(str(i)) for i in ids], image.device)
-        logits = self.classifier(image).float()
-        # All-unknown batches still run backward (zero loss) so DDP ranks stay in step.
-        loss = unwrapped.loss(logits, target) if (target != IGNORE).any() else logits.sum() * 0.0
-        self._flag_nonfinite(loss, 2)
-        self.accelerator.backward(loss)
 
     def _flag_nonfinite(self, value: Tensor, slot: int) -> None:
         """Note a NaN/inf loss or gradient norm (on the device, no sync) for the next step's decision."""
@@ -741,9 +702,8 @@ class Trainer:
             NonFiniteError: a weight is NaN or inf on any rank; names the step and epoch.
         """
         tensors: dict[str, Tensor] = dict(self._unwrapped().saved_state_dict())
-        if self.classifier is not None:
-            classifier = self.accelerator.unwrap_model(self.classifier)
-            tensors |= {f"{CLASSIFIER_DIR}.{k}": v for k, v in classifier.state_dict().items()}
+        for task in self.auxiliary:
+            tensors |= task.tensors()
         if self.ema is not None:
             tensors |= {f"{EMA_STATE}.{k}": v for k, v in self.ema.shadow.items()}
         bad = nonfinite_tensors(tensors)
@@ -830,41 +790,11 @@ class Trainer:
                 self.tracker.log_metrics({"val/best_dice": dice}, step=self.state.global_step)
                 # Logged whenever it changes, so a run stopped midway still has its best weights in MLflow.
                 self.tracker.log_artifact(best, BEST_DIR)
-        if self.classifier is not None:
-            metrics.update(self.validate_classifier(epoch))
+        for task in self.auxiliary:
+            metrics.update(task.validate(epoch, self._refuse_nonfinite_weights))
         self.tracker.log_metrics({f"val/{k[4:]}": v for k, v in metrics.items() if k[4:] not in UNLOGGED_METRICS},
                                  step=self.state.global_step)
         return metrics
-
-    def validate_classifier(self, epoch: int) -> dict[str, float]:
-        """Score the diagnosis classifier on the validation split; keep its best by balanced accuracy.
-
-        The classifier trains beside the network but is selected on its own score: its state at
-        the network's best epoch can be several points worse (measured on the ISIC split).
-
-        Returns:
-            ``val_diagnosis_accuracy`` and ``val_diagnosis_balanced_accuracy`` (``{}`` when no
-            validation sample has a known diagnosis).
-        """
-        split = self.cfg.eval.val_split
-        report = diagnosis_report(self.evaluator.predicted_diagnoses(split), self.data.diagnoses(split))
-        if not report:
-            return {}
-        score = report["balanced_accuracy"]
-        if math.isfinite(score) and score > self.state.best_diagnosis_metric:
-            self._refuse_nonfinite_weights(f"{BEST_CLASSIFIER_DIR}/")
-            self.state.best_diagnosis_metric, self.state.best_diagnosis_epoch = score, epoch
-            if self.is_main:
-                classifier = self.accelerator.unwrap_model(self.classifier)
-                for target in (self.run_dir / BEST_CLASSIFIER_DIR, self.run_dir / BEST_DIR / CLASSIFIER_DIR):
-                    if target.parent.is_dir():
-                        tmp = target.with_name(f".{target.name}.tmp")
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        with writing(tmp, "the diagnosis classifier"):
-                            classifier.save(tmp)
-                        replace_dir(tmp, target)
-            self.accelerator.wait_for_everyone()
-        return {"val_diagnosis_accuracy": report["accuracy"], "val_diagnosis_balanced_accuracy": score}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, text_regime: str, *, with_hd95: bool, overlay_dir: Path | None = None) -> EvalResult:
