@@ -95,12 +95,13 @@ class DiagnosisTask:
 
     @classmethod
     def build(cls, cfg: ExperimentConfig, data: LoaderSource, state: TrainState, run_dir: Path,
-              log: Callable[[str], None], deepspeed: bool = False) -> DiagnosisTask | None:
-        """The task when a run evaluates ``predicted`` and its training split has two diagnoses or more."""
+              log: Callable[[str], None], allowed: bool = True) -> DiagnosisTask | None:
+        """The task when a run evaluates ``predicted``, its training split has two diagnoses or more and
+        the training strategy allows a second model (``allowed``)."""
         wanted = "predicted" in cfg.eval.text_regimes or cfg.data.text_regime_eval == "predicted"
         if not (cfg.train.diagnosis_classifier and wanted):
             return None
-        if deepspeed:
+        if not allowed:
             log("note: the diagnosis classifier (text regime 'predicted') is not trained under DeepSpeed, "
                 "which drives a single model")
             return None

@@ -55,6 +55,7 @@ from . import precision
 from .config import ExperimentConfig, config_differences, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
 from .auxiliary import AuxiliaryTask, DiagnosisTask
+from .strategy import strategy_for
 from .ema import WeightEMA
 from .evaluate import EvalResult, Evaluator, format_table, selection_score
 from .losses import build_loss
@@ -201,6 +202,7 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = accelerator or build_accelerator(cfg)
         self.precision = resolve_precision(cfg)
+        self.strategy = strategy_for(self.accelerator)
         self.data = data
         self.state = TrainState(world_size=self.accelerator.num_processes)
         self.tracker = Tracker(cfg.logging, enabled=self.accelerator.is_main_process)
@@ -214,10 +216,6 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def is_deepspeed(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def log(self, message: str) -> None:
         """A concise log line, main process only."""
@@ -244,7 +242,8 @@ class Trainer:
         if hasattr(self.data, "validate"):
             # Every file of every split this run reads, before the first step: a bad file must not end a long run.
             self.data.validate(["train", cfg.eval.val_split, *cfg.eval.splits])
-        diagnosis = DiagnosisTask.build(cfg, self.data, self.state, self.run_dir, self.log, self.is_deepspeed)
+        diagnosis = DiagnosisTask.build(cfg, self.data, self.state, self.run_dir, self.log,
+                                        allowed=self.strategy.allows_auxiliary())
         self.auxiliary: list[AuxiliaryTask] = [diagnosis] if diagnosis is not None else []
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
@@ -258,10 +257,7 @@ class Trainer:
                              f"{cfg.train.grad_accum}: lower the batch size or accumulation")
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
-        if self.is_deepspeed:
-            ds = acc.state.deepspeed_plugin.deepspeed_config
-            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # loaders are not prepare()-d
-                ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        self.strategy.configure(cfg)
         # The scheduler stays unprepared: it is stepped once per real optimiser step, by us.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         for task in self.auxiliary:
@@ -270,9 +266,8 @@ class Trainer:
         for task in self.auxiliary:
             task.evaluator = self.evaluator
         self.ema = None
+        self.strategy.refuse(cfg)
         if cfg.train.ema_decay > 0:
-            if self.is_deepspeed:  # ZeRO owns (and may partition) the weights
-                raise ValueError("train.ema_decay is not supported under DeepSpeed: set it to 0")
             self.ema = WeightEMA(self._unwrapped(), cfg.train.ema_decay)
 
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints,
@@ -326,27 +321,9 @@ class Trainer:
     def _unwrapped(self) -> SegmentationModel:
         return self.accelerator.unwrap_model(self.model)
 
-    @contextlib.contextmanager
-    def _full_parameters(self, modifier_rank: int | None = None):
-        """Under ZeRO-3, gather the partitioned parameters (on every rank) for the duration."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is None or plugin.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank):
-            yield
-
     def _write_checkpoint(self, directory: Path) -> None:
         acc = self.accelerator
-        if self.is_deepspeed:
-            acc.save_state(str(directory / "deepspeed"))  # collective; DeepSpeed's own (torch.save) format
-        elif self.is_main:
-            self._unwrapped().save_pretrained(directory / "model")
-            ckpt.save_state(self.optimizer.state_dict(), directory, "optimizer")
-            for task in self.auxiliary:
-                task.save(directory)
+        self.strategy.save(directory, self.model, self.optimizer, self.auxiliary)
         if self.is_main:
             ckpt.save_state(self.scheduler.state_dict(), directory, "scheduler")
             if acc.scaler is not None:
@@ -411,13 +388,7 @@ class Trainer:
         """
         self._refuse_another_network(path)
         acc = self.accelerator
-        if self.is_deepspeed:
-            acc.load_state(str(path / "deepspeed"))
-        else:
-            self._unwrapped().load_weights(path / "model" / WEIGHTS_NAME)
-            self.optimizer.load_state_dict(ckpt.load_state(path, "optimizer"))
-            for task in self.auxiliary:
-                task.load(path)
+        self.strategy.load(path, self.model, self.optimizer, self.auxiliary)
         if self.ema is not None:
             if (path / f"{EMA_STATE}.json").exists():
                 self.ema.load_state_dict(ckpt.load_state(path, EMA_STATE))
@@ -442,7 +413,7 @@ class Trainer:
         """Keep the current weights as ``<run>/best/`` (``save_pretrained`` layout + metrics.json)."""
         best = self.run_dir / BEST_DIR
         # A full disk names the file; the previous best/ stays (written aside, then swapped in).
-        with self._full_parameters(), writing(self.run_dir / f".{BEST_DIR}.tmp", "the best weights"):
+        with self.strategy.full_parameters(self.model), writing(self.run_dir / f".{BEST_DIR}.tmp", "the best weights"):
             if self.is_main:
                 tmp = self.run_dir / f".{BEST_DIR}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -458,7 +429,7 @@ class Trainer:
     def load_best(self) -> None:
         """Load ``<run>/best/`` into the model (and classifier) on every process."""
         best = self.run_dir / BEST_DIR
-        with self._full_parameters(modifier_rank=0):
+        with self.strategy.full_parameters(self.model, modifier_rank=0):
             self._unwrapped().load_weights(best / WEIGHTS_NAME)
         for task in self.auxiliary:
             task.load_best(best)
@@ -617,8 +588,8 @@ class Trainer:
             logits = self.model(image, text=list(batch["text"]))
             loss = self.loss_fn(logits.float(), mask)
             self._flag_nonfinite(loss, 0)
-            if self.is_deepspeed:  # DeepSpeed steps inside backward: a NaN must stop it before
-                self._skip_nonfinite_step(deepspeed=True)
+            if not self.strategy.can_skip_steps:  # it steps inside backward: a NaN must stop it before
+                self._skip_nonfinite_step()
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0:
                 self._grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
@@ -651,13 +622,11 @@ class Trainer:
         value = torch.as_tensor(value).detach().to(self._nonfinite.device)
         self._nonfinite[slot] += (~torch.isfinite(value)).any().float()
 
-    def _skip_nonfinite_step(self, deepspeed: bool = False) -> bool:
+    def _skip_nonfinite_step(self) -> bool:
         """Whether any rank saw a NaN/inf since the last optimiser step (the same answer on every rank).
 
-        Counts such steps in a row (``state.nonfinite_steps``).
-
-        Args:
-            deepspeed: called before DeepSpeed's backward, which cannot skip a step: stop at once.
+        Counts such steps in a row (``state.nonfinite_steps``); a strategy that cannot skip a
+        step (DeepSpeed steps inside ``backward``) stops at the first.
 
         Raises:
             NonFiniteError: more than ``train.max_nonfinite_steps`` in a row; names the step and epoch.
@@ -675,12 +644,12 @@ class Trainer:
         names = [name for name, flag in zip(NONFINITE_WHAT, flags) if flag]
         what = f"the {' and the '.join(names)} {'were' if len(names) > 1 else 'was'} NaN or inf"
         where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
-        limit = 0 if deepspeed else self.cfg.train.max_nonfinite_steps
+        limit = self.cfg.train.max_nonfinite_steps if self.strategy.can_skip_steps else 0
         if self.state.nonfinite_steps <= limit:
             self.log(f"warning: {where}: {what}; step skipped ({self.state.nonfinite_steps} in a row, "
                      f"train.max_nonfinite_steps={limit})")
             return True
-        why = ("under DeepSpeed, which cannot skip a step" if deepspeed else
+        why = (self.strategy.why_not if not self.strategy.can_skip_steps else
                f"on {self.state.nonfinite_steps} optimiser step(s) in a row (train.max_nonfinite_steps={limit})")
         raise NonFiniteError(f"training stopped at {where}: {what} {why}; none was applied and nothing non-finite "
                              f"was saved, {self._kept()}; {self._nonfinite_advice()}", self.run_dir)
