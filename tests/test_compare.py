@@ -10,7 +10,7 @@ import pytest
 
 from cmgnet.train.compare import CompareConfig, load_compare_config, run_comparison
 from cmgnet.train.testing import synthetic_dataset, tiny_experiment
-from cmgnet.train.variants import PAPER_COLUMNS
+from cmgnet.train.reports import PAPER_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .variants import CostSpec, Variant
+from .cost import CostSpec
+from .variants import Variant
 
 if TYPE_CHECKING:  # annotations only: `cmgnet ablate --help` lists VARIANTS without importing torch
     from .config import ExperimentConfig

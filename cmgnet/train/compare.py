@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from cmgnet.errors import cli_entry, shorten, shown
 
 from .ablate import ablation_variant
-from .variants import CostSpec, Variant
+from .cost import CostSpec
+from .variants import Variant
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig

@@ -368,3 +368,94 @@ class Tracker:
         import mlflow
 
         mlflow.end_run(status=status)
+
+
+class ParentRun:
+    """The study's MLflow parent run (the variants' runs carry ``mlflow.parentRunId``).
+
+    Uses an ``MlflowClient`` rather than the fluent API, so the parent is never the process'
+    active run and each variant's :class:`~cmgnet.train.engine.Trainer` opens its own as
+    usual. Like :class:`~cmgnet.train.tracking.Tracker` it never stops the study: the first
+    failure prints one warning and turns it off.
+
+    Args:
+        cfg: the logging section (tracking URI, experiment, artifact root, on/off).
+        name: the parent run's name.
+        state_file: where the run id is kept, so a resumed study reuses its parent.
+        enabled: ``False`` on non-main processes.
+    """
+
+    def __init__(self, cfg: LoggingConfig, name: str, state_file: Path, enabled: bool = True) -> None:
+        self.cfg, self.name, self.state_file = cfg, name, state_file
+        self.uri = default_tracking_uri(cfg)
+        self.active = bool(enabled and cfg.mlflow)
+        self.run_id: str | None = None
+        self.client: Any = None
+
+    def _fail(self, err: Exception) -> None:
+        self.active = False
+        print(f"[cmgnet] MLflow parent run at {self.uri} is unavailable ({one_line(err, with_type=True)}); "
+              "the study continues without it.",
+              file=sys.stderr, flush=True)
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        """Create the parent run (or reopen the one in ``state_file``); returns its id."""
+        if not self.active:
+            return None
+        try:
+            from mlflow.tracking import MlflowClient
+
+            if self.uri.startswith(("http://", "https://")):
+                _probe_http(self.uri)  # an unreachable server costs seconds, not MLflow's retries
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(self.uri)
+            saved = json.loads(self.state_file.read_text()).get("run_id") if self.state_file.exists() else None
+            if saved:
+                try:
+                    self.client.get_run(saved)
+                    self.run_id = saved
+                    self.client.update_run(saved, status="RUNNING")
+                    return saved
+                except Exception:  # noqa: BLE001 - deleted run or another store: start a new parent
+                    pass
+            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(
+                self.cfg.experiment, artifact_location=default_artifact_location(self.cfg))
+            run = self.client.create_run(experiment_id, tags=dict(tags), run_name=self.name)
+            self.run_id = run.info.run_id
+            for key, value in params.items():
+                self.client.log_param(self.run_id, key, str(value)[:6000])
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n")
+            return self.run_id
+        except Exception as err:  # noqa: BLE001 - tracking must not stop a study
+            self._fail(err)
+            return None
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Log finite metrics (at step 0)."""
+        if not self.active or self.run_id is None:
+            return
+        try:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.client.log_metric(self.run_id, key, float(value), step=0)
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
+    def log_artifact(self, path: Path) -> None:
+        if not self.active or self.run_id is None:
+            return
+        try:
+            self.client.log_artifact(self.run_id, str(path))
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.active or self.run_id is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
