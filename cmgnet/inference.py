@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 from .errors import CheckpointError, UsageError
+from .versioned import tagged, untagged
 
 # Mask post-processing modes (implemented in cmgnet.model.postprocess; named here so this
 # module, read by the CLI before torch, stays light). The type also types eval.postprocess.
@@ -141,7 +142,7 @@ class InferenceRecord:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with format and version tags."""
-        return {"format": _FORMAT, "version": _VERSION, **_plain(dataclasses.asdict(self))}
+        return tagged(_FORMAT, _VERSION, _plain(dataclasses.asdict(self)))
 
     def save(self, path: str | Path) -> Path:
         """Write the record: ``path`` is a folder (``<path>/inference.json``) or a ``.json`` file."""
@@ -159,17 +160,15 @@ class InferenceRecord:
             CheckpointError: not an object, another format or version, unknown keys, wrong
                 types or values (naming ``source``).
         """
-        if not isinstance(data, dict):
-            raise CheckpointError(f"expected a JSON object, got {type(data).__name__}", source)
-        kind = (data.get("format"), data.get("version"))
+        try:
+            kind, values = untagged(data, ((_FORMAT, 1), (_FORMAT, _VERSION), (_LEGACY_DEPLOY_FORMAT, 1)))
+        except ValueError as err:
+            if not isinstance(data, dict):
+                raise CheckpointError(str(err), source) from None
+            raise CheckpointError(f"not a {_FORMAT} record of version 1 or {_VERSION}, nor an older "
+                                  f"{_LEGACY_DEPLOY_FORMAT} spec ({err})", source) from None
         if kind == (_LEGACY_DEPLOY_FORMAT, 1):
             values = _from_deploy_v1(data, source)
-        elif kind in ((_FORMAT, 1), (_FORMAT, _VERSION)):
-            values = {k: v for k, v in data.items() if k not in ("format", "version")}
-        else:
-            raise CheckpointError(f"not a {_FORMAT} record of version 1 or {_VERSION}, nor an older "
-                                  f"{_LEGACY_DEPLOY_FORMAT} spec (format={data.get('format')!r}, "
-                                  f"version={data.get('version')!r})", source)
         names = [f.name for f in dataclasses.fields(cls)]
         if unknown := sorted(set(values) - set(names)):
             raise CheckpointError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(names)}", source)

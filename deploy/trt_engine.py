@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import BackendUnavailableError, DeployError, EngineMismatchError
 from cmgnet.inference import InferenceRecord, record_path
+from cmgnet.versioned import tagged, untagged
 
+from .errors import BackendUnavailableError, DeployError, EngineMismatchError
 from .spec import IMAGE_INPUT, ONNX_NAME, OUTPUT_NAME, RECORD_NAME, TEXT_INPUTS, file_sha256
 
 MIN_TENSORRT = (10, 0)
@@ -158,7 +159,7 @@ class EngineMetadata:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["spec"] = self.spec.to_json()
-        return {"format": _METADATA_FORMAT, "version": _METADATA_VERSION, **data}
+        return tagged(_METADATA_FORMAT, _METADATA_VERSION, data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str | Path = "<dict>") -> EngineMetadata:
@@ -167,13 +168,12 @@ class EngineMetadata:
         Raises:
             DeployError: not engine metadata, another version, or missing/malformed fields.
         """
-        if not isinstance(data, dict):
-            raise DeployError(f"{source}: expected a JSON object, got {type(data).__name__}; {_REBUILD}")
-        if data.get("format") != _METADATA_FORMAT or data.get("version") != _METADATA_VERSION:
-            raise DeployError(
-                f"{source}: not cmgnet engine metadata of version {_METADATA_VERSION} "
-                f"(format={data.get('format')!r}, version={data.get('version')!r}); {_REBUILD}"
-            )
+        try:
+            untagged(data, [(_METADATA_FORMAT, _METADATA_VERSION)])
+        except ValueError as err:
+            what = str(err) if not isinstance(data, dict) else \
+                f"not cmgnet engine metadata of version {_METADATA_VERSION} ({err})"
+            raise DeployError(f"{source}: {what}; {_REBUILD}") from None
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if missing := sorted(required - data.keys()):
