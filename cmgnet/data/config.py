@@ -140,6 +140,10 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError("DataConfig.num_workers must be >= 0")
 
+    def describe(self) -> str:
+        """The datasets in words: ``isic2018 at <root> (protocol split-csv)``, joined by ``+``."""
+        return " + ".join(f"{s.format} at {s.root} (protocol {s.protocol})" for s in self.source_configs())
+
     def source_configs(self) -> list[SourceConfig]:
         """The run's datasets: ``sources``, or the one that ``format``, ``root``, ... describe."""
         if self.sources:

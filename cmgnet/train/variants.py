@@ -176,7 +176,8 @@ def run_variants(
     lock = lock_on_main(accelerator, out, f"{kind} folder", "wait for it to finish or set another logging.run_name")
     parent = ParentRun(cfg.logging, f"{base}-{kind}", out / "mlflow_parent.json", enabled=main)
     parent.start({"kind": kind, "variants": ",".join(keys), "split": split, "text_regimes": ",".join(regimes),
-                  "budget": budget, "data.root": cfg.data.root, "data.protocol": cfg.data.protocol,
+                  "budget": budget, "data.root": ",".join(s.root for s in cfg.data.source_configs()),
+                  "data.protocol": ",".join(s.protocol for s in cfg.data.source_configs()),
                   "data.image_size": cfg.data.image_size},
                  {**git_info(), "cmgnet.study": kind, "output": str(out.resolve())})
     rows: list[dict[str, Any]] = []
@@ -243,8 +244,7 @@ def run_variants(
         status = "FINISHED"
     finally:
         report = {"kind": kind, "split": split, "text_regimes": regimes, "budget": budget,
-                  "data": f"{cfg.data.format} at {cfg.data.root} (protocol {cfg.data.protocol}, "
-                          f"{cfg.data.image_size} px, augment {cfg.data.augment}, train text "
+                  "data": f"{cfg.data.describe()} ({cfg.data.image_size} px, augment {cfg.data.augment}, train text "
                           f"{cfg.data.text_regime_train}, model selection in {cfg.data.text_regime_eval})",
                   "recipe": f"{cfg.optim.name} lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
                             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_epochs:g} warm-up epochs, "
