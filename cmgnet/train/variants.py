@@ -244,8 +244,8 @@ def run_variants(
         status = "FINISHED"
     finally:
         report = {"kind": kind, "split": split, "text_regimes": regimes, "budget": budget,
-                  "data": f"{cfg.data.describe()} ({cfg.data.image_size} px, augment {cfg.data.augment}, train text "
-                          f"{cfg.data.text_regime_train}, model selection in {cfg.data.text_regime_eval})",
+                  "data": f"{cfg.data.describe()}; {cfg.data.image_size} px, augment {cfg.data.augment}, train text "
+                          f"{cfg.data.text_regime_train}, model selection in {cfg.data.text_regime_eval}",
                   "recipe": f"{cfg.optim.name} lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
                             f"{cfg.optim.schedule} schedule, {cfg.optim.warmup_epochs:g} warm-up epochs, "
                             f"loss {cfg.loss.dice_weight:g} Dice + {cfg.loss.bce_weight:g} BCE, seed {cfg.train.seed}, "
