@@ -68,6 +68,18 @@ def _print_config(cfg) -> int:
     return 0
 
 
+def run_command(cfg, print_config: bool, work) -> int:
+    """``--print-config``, or ``work(cfg)`` with logging set up and the process group torn down after."""
+    if print_config:
+        return _print_config(cfg)
+    setup_logging()
+    try:
+        work(cfg)
+    finally:
+        _finish()
+    return 0
+
+
 @cli_entry
 def train_main(argv: Sequence[str] | None = None, prog: str = "cmgnet train") -> int:
     """``cmgnet train --config <name or YAML> [key=value ...]``."""
@@ -83,19 +95,16 @@ def train_main(argv: Sequence[str] | None = None, prog: str = "cmgnet train") ->
 
     with _usage_errors(parser):
         cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        return _print_config(cfg)
-    setup_logging()
+    return run_command(cfg, args.print_config, _train)
+
+
+def _train(cfg) -> None:
     from .engine import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-        result = trainer.fit()
-        if result.best_dir is not None:
-            trainer.log(f"best weights: {result.best_dir}")
-    finally:
-        _finish()
-    return 0
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    if result.best_dir is not None:
+        trainer.log(f"best weights: {result.best_dir}")
 
 
 def _find_config(checkpoint: Path) -> Path | None:
@@ -305,14 +314,7 @@ def ablate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet ablate") 
 
     with _usage_errors(parser):
         cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        return _print_config(cfg)
-    setup_logging()
-    try:
-        run_ablation(cfg, args.variants, args.split, args.text_regime)
-    finally:
-        _finish()
-    return 0
+    return run_command(cfg, args.print_config, lambda c: run_ablation(c, args.variants, args.split, args.text_regime))
 
 
 @cli_entry

@@ -156,7 +156,7 @@ def run_comparison(cfg: ExperimentConfig, compare: CompareConfig | None = None, 
 @cli_entry
 def compare_main(argv: Sequence[str] | None = None, prog: str = "cmgnet compare") -> int:
     """``cmgnet compare --config <name or YAML> [--models ...] [--budget-minutes M] [key=value ...]``."""
-    from .cli import _config_parser, _finish, _print_config, _usage_errors, setup_logging
+    from .cli import _config_parser, _usage_errors, run_command
 
     parser = _config_parser(prog, "Train and evaluate the baselines and CMG-Net under one recipe and budget "
                             "(paper tables 1-2; add the ablation rows with compare.ablation=true); print the "
@@ -177,11 +177,4 @@ def compare_main(argv: Sequence[str] | None = None, prog: str = "cmgnet compare"
     with _usage_errors(parser):
         cfg, compare = load_compare_config(args.config, args.overrides)
         compare.resolve(args.models)  # unknown keys are usage errors, before anything trains
-    if args.print_config:
-        return _print_config(cfg)
-    setup_logging()
-    try:
-        run_comparison(cfg, compare, args.models, args.budget_minutes)
-    finally:
-        _finish()
-    return 0
+    return run_command(cfg, args.print_config, lambda c: run_comparison(c, compare, args.models, args.budget_minutes))
