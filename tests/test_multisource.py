@@ -80,6 +80,16 @@ def test_one_source_keeps_the_plain_permutation():
     assert (source.name, source.root, source.protocol, source.weight) == ("isic2017", "x", "official", 1.0)
 
 
+def test_a_single_source_run_reads_as_before(tmp_path):
+    root = synthetic_dataset(tmp_path / "isic", n_train=8, n_val=4, n_test=3)
+    cfg = tiny_experiment(root, tmp_path / "runs", "data.epoch_size=3")  # ignored: one source
+    loader = build_loader(cfg.data, "train", 4, train=True, seed=5)
+    assert loader.plan.strata == () and len(loader) == 2
+    expected = np.random.default_rng([5, 0]).permutation(8)
+    ids = [i for batch in loader for i in batch["image_id"]]
+    assert ids == [f"ISIC_{k:07d}" for k in expected]
+
+
 def two_sources(tmp_path: Path, ham: int = 12) -> list[str]:
     """Overrides of a tiny experiment reading a synthetic ISIC 2017 folder and a HAM10000 one."""
     isic = synthetic_dataset(tmp_path / "isic", n_train=8, n_val=4, n_test=3)
