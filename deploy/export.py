@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from safetensors.torch import save_file
 
 from cmgnet import kernels
 from cmgnet.data.imageio import IMAGE_EXTENSIONS
-from cmgnet.errors import UsageError, cli_entry, one_line
+from cmgnet.errors import UsageError, cli_entry
 from cmgnet.inference import INFERENCE_NAME, LEGACY_BUNDLE_NAME, InferenceRecord, image_hw, resolve
 from cmgnet.model import SegmentationModel
 from cmgnet.outputs import OutputLock, refuse_existing, writing
@@ -305,42 +304,6 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-# ----------------------------------------------------------------------------- MLflow
-
-
-def log_to_mlflow(directory: Path, run_id: str, tracking_uri: str | None = None, artifact_path: str = "deploy") -> bool:
-    """Log a bundle's files as artifacts of an existing MLflow run; never raises.
-
-    Args:
-        directory: the bundle.
-        run_id: the checkpoint's training run.
-        tracking_uri: its tracking store (default: ``MLFLOW_TRACKING_URI`` / MLflow's default).
-        artifact_path: folder inside the run's artifacts.
-
-    Returns:
-        True when logged; False (with a warning on stderr) when MLflow is missing or fails.
-    """
-    try:
-        import mlflow
-    except ImportError:
-        print("warning: mlflow is not installed (pip install 'cmgnet[train]'); bundle not logged to MLflow",
-              file=sys.stderr)
-        return False
-    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    try:
-        client = mlflow.MlflowClient(tracking_uri)
-        client.log_artifacts(run_id, str(directory), artifact_path=artifact_path)
-        client.set_tag(run_id, "cmgnet.deploy_bundle", artifact_path)
-    except Exception as err:  # noqa: BLE001 - logging is optional: any MLflow failure is reported, not fatal
-        uri = tracking_uri or mlflow.get_tracking_uri()
-        print(f"warning: could not log the bundle to MLflow run {run_id} at {uri}: {one_line(err, with_type=True)}",
-              file=sys.stderr)
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -384,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.triton_repo:
                 _write_triton_repo(args, bundle)
         # Logged once the lock is released, so its file is not among the artefacts.
-        if args.mlflow_run_id and log_to_mlflow(bundle, args.mlflow_run_id, args.mlflow_tracking_uri):
+        if args.mlflow_run_id:
+            from cmgnet.train.tracking import log_to_run  # MLflow only when asked
+        if args.mlflow_run_id and log_to_run(bundle, args.mlflow_run_id, args.mlflow_tracking_uri):
             print(f"logged {bundle} to MLflow run {args.mlflow_run_id} (artifacts/deploy)")
     return 1 if failed else 0
 

@@ -22,7 +22,7 @@ from PIL import Image
 from cmgnet.cli import main as cli_main
 from cmgnet.data.records import LesionRecord
 from cmgnet.deploy import BackendUnavailableError, DeployError, Segmenter
-from cmgnet.deploy.export import STANDARD_SENTENCES, _build_tensorrt, log_to_mlflow, verify_onnx
+from cmgnet.deploy.export import STANDARD_SENTENCES, _build_tensorrt, verify_onnx
 from cmgnet.deploy.predict import lesion_statistics
 from cmgnet.deploy.runners import onnxruntime_session, preprocess
 from cmgnet.deploy.runtime import bundle_text_encoder, postprocess
@@ -33,6 +33,7 @@ from cmgnet.inference import InferenceRecord
 from cmgnet.model import CMGNet
 from cmgnet.text import NEUTRAL_SENTENCE
 from cmgnet.text.pseudo_text import TEMPLATES
+from cmgnet.train.tracking import log_to_run
 
 SIZE = 64
 MELANOMA = TEMPLATES["melanoma"]
@@ -157,14 +158,14 @@ def test_mlflow_logging_and_its_failures(exported, tmp_path, capsys, monkeypatch
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     run = client.create_run(client.create_experiment("deploy", artifact_location=(tmp_path / "artifacts").as_uri()))
-    assert log_to_mlflow(exported["bundle"], run.info.run_id, uri)
+    assert log_to_run(exported["bundle"], run.info.run_id, uri)
     logged = {f.path for f in client.list_artifacts(run.info.run_id, "deploy")}
     assert {"deploy/model.onnx", "deploy/inference.json"} <= logged
 
-    assert not log_to_mlflow(exported["bundle"], "no-such-run", uri)
+    assert not log_to_run(exported["bundle"], "no-such-run", uri)
     assert "could not log the bundle to MLflow run no-such-run" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
-    assert not log_to_mlflow(exported["bundle"], run.info.run_id, uri)
+    assert not log_to_run(exported["bundle"], run.info.run_id, uri)
     assert "mlflow is not installed" in capsys.readouterr().err
 
 

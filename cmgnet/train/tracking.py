@@ -219,6 +219,39 @@ def pyfunc_input_example(checkpoint_dir: str | Path) -> Any:
     return pd.DataFrame({"image": [buffer.getvalue()], "text": [NEUTRAL_SENTENCE]})
 
 
+def log_to_run(directory: Path, run_id: str, tracking_uri: str | None = None, artifact_path: str = "deploy") -> bool:
+    """Log a folder (an exported bundle) as artifacts of an existing MLflow run; never raises.
+
+    Args:
+        directory: the bundle.
+        run_id: the checkpoint's training run.
+        tracking_uri: its tracking store (default: ``MLFLOW_TRACKING_URI`` / MLflow's default).
+        artifact_path: folder inside the run's artifacts.
+
+    Returns:
+        True when logged; False (with a warning on stderr) when MLflow is missing or fails.
+    """
+    try:
+        import mlflow
+    except ImportError:
+        print("warning: mlflow is not installed (pip install 'cmgnet[train]'); bundle not logged to MLflow",
+              file=sys.stderr)
+        return False
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        client = mlflow.MlflowClient(tracking_uri)
+        client.log_artifacts(run_id, str(directory), artifact_path=artifact_path)
+        client.set_tag(run_id, "cmgnet.deploy_bundle", artifact_path)
+    except Exception as err:  # noqa: BLE001 - logging is optional: any MLflow failure is reported, not fatal
+        uri = tracking_uri or mlflow.get_tracking_uri()
+        print(f"warning: could not log the bundle to MLflow run {run_id} at {uri}: {one_line(err, with_type=True)}",
+              file=sys.stderr)
+        return False
+    return True
+
+
 class Tracker:
     """One MLflow run, driven from the main process; a no-op elsewhere or when disabled.
 
