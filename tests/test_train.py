@@ -17,6 +17,7 @@ from cmgnet.model import SegmentationModel
 from cmgnet.train import Trainer, load_config
 from cmgnet.train import checkpoint as ckpt
 from cmgnet.train.config import flatten, to_dict
+from cmgnet.train.diagnosis import DiagnosisClassifier
 from cmgnet.train.testing import synthetic_dataset, tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +235,27 @@ def test_diagnosis_classifier_is_kept_on_its_own_validation_score(short_run):
     kept = short_run.run_dir / "best-diagnosis"
     for name in ("classifier.json", "classifier.safetensors"):  # best/ serves that one, whatever epoch the network's best is
         assert (short_run.best_dir / "diagnosis" / name).read_bytes() == (kept / name).read_bytes()
+
+
+def test_fine_tuning_starts_from_saved_weights_and_classifier(short_run, data_root, tmp_path):
+    from cmgnet.errors import CheckpointError
+
+    best = short_run.best_dir
+    cfg = tiny_experiment(data_root, tmp_path, f"train.init_weights={best}", "train.epochs=1", "train.max_steps=1",
+                          "eval.text_regimes=[none, predicted]", "optim.lr=1e-9")
+    trainer = Trainer(cfg)
+    trainer.setup()
+    saved = SegmentationModel.from_pretrained(best).state_dict()
+    loaded = trainer._unwrapped().state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)  # the network starts from the saved weights
+    classifier = DiagnosisClassifier.load(best / "diagnosis")
+    task = trainer.auxiliary[0]
+    assert all(torch.equal(v, task.unwrapped.state_dict()[k]) for k, v in classifier.state_dict().items())
+    assert trainer.state.global_step == 0  # optimiser and schedule start fresh
+    trainer.release_run_dir()
+    other = tiny_experiment(data_root, tmp_path / "b", f"train.init_weights={best}", "model.fusion_dim=32")
+    with pytest.raises(CheckpointError, match="differs from the weights': model.fusion_dim 16 -> 32"):
+        Trainer(other).setup()
 
 
 def test_evaluate_cli_any_split_and_regime(short_run, tmp_path, capsys):

@@ -40,6 +40,17 @@ class AuxiliaryTask(Protocol):
     name: str
     module: nn.Module
 
+    def start_from(self, folder: Path, log: Callable[[str], None]) -> None:
+        """Fine-tuning: start from the classifier saved with ``folder``'s weights when it has the same classes."""
+        if not (folder / CLASSIFIER_DIR).is_dir():
+            return
+        saved = DiagnosisClassifier.load(folder / CLASSIFIER_DIR)
+        if list(saved.classes) != list(self.module.classes):
+            log(f"note: the diagnosis classifier in {folder} knows {saved.classes}, this run's training split "
+                f"{self.module.classes}: it starts afresh")
+            return
+        self.module.load_state_dict(saved.state_dict())
+
     def prepare(self, accelerator: Accelerator, channels_last: bool) -> None:
         """Build the optimiser and hand both to Accelerate."""
 
@@ -116,6 +127,17 @@ class DiagnosisTask:
         classifier = DiagnosisClassifier(classes, train.diagnosis_width, train.diagnosis_encoder, pretrained,
                                          train.diagnosis_image_size, cfg.data.mean, cfg.data.std, weights)
         return cls(cfg, classifier, diagnoses, data, state, run_dir)
+
+    def start_from(self, folder: Path, log: Callable[[str], None]) -> None:
+        """Fine-tuning: start from the classifier saved with ``folder``'s weights when it has the same classes."""
+        if not (folder / CLASSIFIER_DIR).is_dir():
+            return
+        saved = DiagnosisClassifier.load(folder / CLASSIFIER_DIR)
+        if list(saved.classes) != list(self.module.classes):
+            log(f"note: the diagnosis classifier in {folder} knows {saved.classes}, this run's training split "
+                f"{self.module.classes}: it starts afresh")
+            return
+        self.module.load_state_dict(saved.state_dict())
 
     def prepare(self, accelerator: Accelerator, channels_last: bool) -> None:
         self.accelerator = accelerator

@@ -118,6 +118,9 @@ class TrainConfig:
         max_steps: stop after this many optimiser steps (0: no limit; for smoke runs).
         resume: ``"auto"`` (latest checkpoint of this run, if any), a checkpoint or run
             directory, or ``""`` (start fresh).
+        init_weights: fine-tune: a ``save_pretrained`` folder (a run's ``best/``) whose network
+            weights, and diagnosis classifier where both runs have one with the same classes,
+            start this run; optimiser, schedule and step count start fresh (``""``: none).
         sync_batchnorm: use ``SyncBatchNorm`` across processes (PyTorch supports it on GPUs
             only; CPU processes keep per-process batch statistics).
         diagnosis_classifier: train the small diagnosis classifier beside the network when
@@ -156,6 +159,7 @@ class TrainConfig:
     time_limit_minutes: float = 0.0
     max_steps: int = 0
     resume: str = "auto"
+    init_weights: str = ""
     sync_batchnorm: bool = True
     diagnosis_classifier: bool = True
     diagnosis_width: int = 16

@@ -233,6 +233,9 @@ class Trainer:
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
         self.attention_backend = apply_attention_backend(cfg)
         model = create_model(cfg.arch, **dataclasses.asdict(cfg.model))
+        if cfg.train.init_weights:  # fine-tuning: the same network, trained elsewhere first
+            self._refuse_another_network(Path(cfg.train.init_weights), "weights'")
+            model.load_weights(Path(cfg.train.init_weights) / WEIGHTS_NAME)
         # The inference contract, saved with every checkpoint and best/ (cmgnet.inference).
         model.inference = record_from_experiment(model, cfg)
         if acc.num_processes > 1 and cfg.train.sync_batchnorm and acc.device.type == "cuda":
@@ -244,6 +247,8 @@ class Trainer:
             self.data.validate(["train", cfg.eval.val_split, *cfg.eval.splits])
         diagnosis = DiagnosisTask.build(cfg, self.data, self.state, self.run_dir, self.log,
                                         allowed=self.strategy.allows_auxiliary())
+        if diagnosis is not None and cfg.train.init_weights:
+            diagnosis.start_from(Path(cfg.train.init_weights), self.log)
         self.auxiliary: list[AuxiliaryTask] = [diagnosis] if diagnosis is not None else []
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
@@ -346,8 +351,8 @@ class Trainer:
         self.log(f"checkpoint {path}")
         return path
 
-    def _refuse_another_network(self, path: Path) -> None:
-        """Refuse a checkpoint of another network (``arch`` or a ``model`` key changed), naming the keys.
+    def _refuse_another_network(self, path: Path, whose: str = "checkpoint's") -> None:
+        """Refuse a checkpoint (or ``init_weights``) of another network (``arch`` or a ``model`` key changed), naming the keys.
 
         Without this a changed width ends in PyTorch's ``Error(s) in loading state_dict``, and a
         changed head count (same shapes) would resume silently as another model. Keys that leave
@@ -359,7 +364,8 @@ class Trainer:
         from cmgnet.yamlio import load_yaml
 
         saved = None
-        if (network := path / "model" / CONFIG_NAME).is_file():  # save_pretrained's record of the network
+        network = next((p for p in (path / "model" / CONFIG_NAME, path / CONFIG_NAME) if p.is_file()), None)
+        if network is not None:  # save_pretrained's record of the network
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 record = json.loads(network.read_text())
                 saved = {"arch": record["model"], "model": record["config"]}
@@ -376,8 +382,9 @@ class Trainer:
             side["model"] = {k: v for k, v in side["model"].items() if k in compared}
         if changes := config_differences(saved, current):
             shown = ", ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
-            raise CheckpointError(f"the run's config differs from the checkpoint's: {shown} (resume with the "
-                                  "original config or start a new run_name)", path)
+            advice = ("resume with the original config or start a new run_name" if whose == "checkpoint's" else
+                      "start from weights of the same network (train.init_weights)")
+            raise CheckpointError(f"the run's config differs from the {whose}: {shown} ({advice})", path)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore model, optimiser, scheduler, scaler, state; RNG is restored at the data position.
