@@ -151,7 +151,7 @@ def test_training_reports_each_source_and_selects_on_the_chosen_one(tmp_path):
     from cmgnet.train.engine import Trainer
 
     cfg = tiny_experiment(tmp_path / "unused", tmp_path / "runs", *two_sources(tmp_path, ham=16),
-                          "train.epochs=2", "eval.select=ham", "eval.text_regimes=[none,metadata,shuffled]",
+                          "train.epochs=2", "eval.select=ham", "eval.text_regimes=[none,metadata,shuffled,predicted]",
                           "eval.hd95=false")
     result = Trainer(cfg).fit()
     record = result.state.history[-1]
@@ -166,6 +166,9 @@ def test_training_reports_each_source_and_selects_on_the_chosen_one(tmp_path):
     assert set(summary["test/none"]["per_source"]) == {"isic", "ham"}
     assert "metadata_minus_shuffled" in summary["test.ham/shuffled"]["paired"]
     assert (result.run_dir / "eval" / "test.ham-metadata" / "per_image.csv").is_file()
+    # The classifier is scored per source too, on that source's images only.
+    assert summary["test.isic/predicted"]["diagnosis"]["n"] == 3
+    assert summary["test/predicted"]["diagnosis"]["n"] == 3 + summary["test.ham/predicted"]["diagnosis"]["n"]
 
 
 def test_a_split_csv_beside_the_config_resolves_per_source(tmp_path):

@@ -443,7 +443,7 @@ class Evaluator:
         """
         info = {"threshold": self.cfg.eval.threshold, "tta": tta, "postprocess": self.cfg.eval.postprocess,
                 "image_size": self.cfg.data.image_size, **describe_sources(self.cfg.data), **info}
-        predicted = None
+        predicted = diagnosis_for = None
         if text_regime == "predicted":
             predicted = self.predicted_diagnoses(split)
             truth = self.data.diagnoses(split)
@@ -452,8 +452,14 @@ class Evaluator:
             except DataError:  # a test-only folder: the classifier ships with the model, no baseline
                 train = Counter()
             majority = train.most_common(1)[0][0] if train else None
-            info["diagnosis"] = diagnosis_report(predicted, truth, majority)
-            info["diagnosis_accuracy"] = info["diagnosis"].get("accuracy")  # None: no known diagnosis
+
+            def report(keys: Any = None) -> dict[str, Any]:  # the classifier's report over some samples
+                report = diagnosis_report({k: v for k, v in predicted.items() if keys is None or k in keys},
+                                          {k: v for k, v in truth.items() if keys is None or k in keys}, majority)
+                return {"diagnosis": report, "diagnosis_accuracy": report.get("accuracy")}  # None: none known
+
+            diagnosis_for = report
+            info |= report()
             predicted = vote(predicted)
         loader = self.data.eval_loader(split, self.batch_size, text_regime, predicted)
         rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,
@@ -465,8 +471,10 @@ class Evaluator:
         source_of = self.data.source_of(split) if hasattr(self.data, "source_of") else {}
         if len(set(source_of.values())) > 1:
             for name in dict.fromkeys(source_of.values()):
-                part = build_result([r for r in rows if source_of[r["image_id"]] == name], f"{split}.{name}",
-                                    text_regime, with_hd95, **info, source=name)
+                keys = {k for k, owner in source_of.items() if owner == name}
+                own = diagnosis_for(keys) if diagnosis_for is not None else {}
+                part = build_result([r for r in rows if r["image_id"] in keys], f"{split}.{name}",
+                                    text_regime, with_hd95, **(info | own), source=name)
                 result.per_source[name] = part
             result.summary["per_source"] = {name: part.summary for name, part in result.per_source.items()}
         return result
