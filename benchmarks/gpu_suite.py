@@ -191,7 +191,8 @@ def activate_carry(carry: Path, site: Path) -> list[str]:
 
 
 def bench_module(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (its helpers are reused, not copied)."""
+    """Import ``benchmarks/<name>.py`` (its helpers are reused, not copied; the shared ones are
+    :mod:`cmgnet.benchmarking`)."""
     key = f"cmgnet_benchmarks_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
@@ -262,7 +263,7 @@ def environment() -> dict[str, Any]:
     """Name the machine and software every number in the report was measured with."""
     import torch
 
-    common = bench_module("common")
+    common = importlib.import_module("cmgnet.benchmarking")
     env: dict[str, Any] = {
         "python": platform.python_version(), "cpu": common.cpu_name(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
@@ -760,7 +761,7 @@ def stage_dispatch(ctx: Context, rec: Recorder) -> None:
     if not rows:
         rec.skip("dispatch table", "no kernel shape was measured", budget=True)
         return
-    common = bench_module("common")
+    common = importlib.import_module("cmgnet.benchmarking")
     gpu = common.hardware().get("gpu", "cpu-interpreter")
     triton_version = importlib.metadata.version("triton")
     raw = Path(ctx.out_dir) / f"kernels-{ctx.slug}.json"
@@ -834,7 +835,7 @@ def train_step_row(ctx: Context, model, arch: str, precision: str, mode: str, ke
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = bench_module("common").time_fn(step, 0, iters, cuda=device.type == "cuda")
+    times = importlib.import_module("cmgnet.benchmarking").time_fn(step, 0, iters, cuda=device.type == "cuda")
     median = statistics.median(times)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
     del optimizer, net

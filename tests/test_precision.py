@@ -102,12 +102,10 @@ def test_the_trainer_logs_the_choice_and_its_reason(cpu, monkeypatch):
 
 
 def test_benchmark_rows_name_the_cpu_capability(tmp_path, cpu, monkeypatch):
-    import importlib
     import json
-    from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    write_json = importlib.import_module("common").write_json
+    from cmgnet.benchmarking import write_json
+
     cpu("AVX2", False)
     write_json(tmp_path / "r.json", [{"step_ms": 1.0}])
     written = json.loads((tmp_path / "r.json").read_text())
