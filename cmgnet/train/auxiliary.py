@@ -41,15 +41,7 @@ class AuxiliaryTask(Protocol):
     module: nn.Module
 
     def start_from(self, folder: Path, log: Callable[[str], None]) -> None:
-        """Fine-tuning: start from the classifier saved with ``folder``'s weights when it has the same classes."""
-        if not (folder / CLASSIFIER_DIR).is_dir():
-            return
-        saved = DiagnosisClassifier.load(folder / CLASSIFIER_DIR)
-        if list(saved.classes) != list(self.module.classes):
-            log(f"note: the diagnosis classifier in {folder} knows {saved.classes}, this run's training split "
-                f"{self.module.classes}: it starts afresh")
-            return
-        self.module.load_state_dict(saved.state_dict())
+        """Fine-tuning: start from the state saved with the weights in ``folder``, where it fits."""
 
     def prepare(self, accelerator: Accelerator, channels_last: bool) -> None:
         """Build the optimiser and hand both to Accelerate."""

@@ -247,9 +247,9 @@ class Trainer:
             self.data.validate(["train", cfg.eval.val_split, *cfg.eval.splits])
         diagnosis = DiagnosisTask.build(cfg, self.data, self.state, self.run_dir, self.log,
                                         allowed=self.strategy.allows_auxiliary())
-        if diagnosis is not None and cfg.train.init_weights:
-            diagnosis.start_from(Path(cfg.train.init_weights), self.log)
         self.auxiliary: list[AuxiliaryTask] = [diagnosis] if diagnosis is not None else []
+        for task in self.auxiliary if cfg.train.init_weights else ():
+            task.start_from(Path(cfg.train.init_weights), self.log)
         set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
 
         if cfg.train.channels_last:
