@@ -124,10 +124,6 @@ def _checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> lis
     return argv
 
 
-
-
-
-
 def serve_parser() -> argparse.ArgumentParser:
     """The ``cmgnet serve`` parser."""
     from .triton_repo import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, MAX_ASPECT, MIN_SIDE

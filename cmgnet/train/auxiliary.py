@@ -184,7 +184,7 @@ class DiagnosisTask:
             refuse_nonfinite(f"{BEST_CLASSIFIER_DIR}/")
             self.state.best_diagnosis_metric, self.state.best_diagnosis_epoch = score, epoch
             if self.accelerator.is_main_process:
-                for target in (self.run_dir / BEST_CLASSIFIER_DIR, self.run_dir / "best" / CLASSIFIER_DIR):
+                for target in (self.run_dir / BEST_CLASSIFIER_DIR, self.run_dir / ckpt.BEST_DIR / CLASSIFIER_DIR):
                     if target.parent.is_dir():
                         tmp = target.with_name(f".{target.name}.tmp")
                         shutil.rmtree(tmp, ignore_errors=True)

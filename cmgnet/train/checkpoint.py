@@ -38,6 +38,8 @@ from cmgnet.integrity import load_safetensors
 from cmgnet.outputs import atomic_write_text, fsync_dir, replace_dir, writing
 
 LATEST = "latest"
+BEST_DIR = "best"
+"""A run's best weights (``save_pretrained`` layout), beside ``checkpoints/``."""
 COMPLETE = "COMPLETE"
 
 

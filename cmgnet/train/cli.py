@@ -184,7 +184,8 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
     with _usage_errors(parser):
         weights = _find_weights(checkpoint)
         config_path = args.config or _find_config(weights) or _find_config(checkpoint)
-        if config_path is None and not {"data.root", "data.sources"} & {o.split("=", 1)[0] for o in args.overrides}:
+        overridden = {item.split("=", 1)[0] for item in args.overrides}
+        if config_path is None and not {"data.root", "data.sources"} & overridden:
             parser.error(f"no experiment.yaml/config.yaml next to {args.checkpoint}: pass --config, or name the "
                          "data (data.root=FOLDER, with data.format= and data.protocol= where not isic2017/official)")
         # Without an experiment file the network comes from the weights' own record, the data from the command line.
@@ -195,7 +196,6 @@ def evaluate_main(argv: Sequence[str] | None = None, prog: str = "cmgnet evaluat
         eval_cfg = dataclasses.replace(eval_cfg, overlays=args.overlays)
     if args.no_hd95:
         eval_cfg = dataclasses.replace(eval_cfg, hd95=False)
-    overridden = {item.split("=", 1)[0] for item in args.overrides}
     if "train.mixed_precision" not in overridden:
         # Serving (Segmenter, predict, the pyfunc model) computes in fp32: score the masks it gives,
         # not the training autocast's (bf16 moved a third of the ISIC test masks by a few pixels).

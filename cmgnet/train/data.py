@@ -48,6 +48,7 @@ class DataModule:
         self.sources = read_sources(cfg)  # read once, reused by every split
         self._train = None
         self._eval: dict[tuple[str, str, int], Any] = {}
+        self._splits: dict[str, Any] = {}
 
     def train_loader(self, batch_size: int, epoch: int) -> Iterable[dict[str, Any]]:
         from cmgnet.data.loaders import build_loader
@@ -99,13 +100,17 @@ class DataModule:
             report.errors += orphan_masks(source.records)
         report.raise_if_failed()
 
-    def diagnoses(self, split: str) -> dict[str, str | None]:
+    def _split(self, split: str) -> Any:
+        """The split's samples over every source (resolved once: validation asks at every epoch)."""
         from cmgnet.data.sources import split_samples
 
-        return {s.key: s.record.diagnosis for s in split_samples(self.sources, split, self.cfg.seed).samples}
+        if split not in self._splits:
+            self._splits[split] = split_samples(self.sources, split, self.cfg.seed)
+        return self._splits[split]
+
+    def diagnoses(self, split: str) -> dict[str, str | None]:
+        return {s.key: s.record.diagnosis for s in self._split(split).samples}
 
     def source_of(self, split: str) -> dict[str, str]:
         """Sample id -> the name of its data source, for per-source metrics."""
-        from cmgnet.data.sources import split_samples
-
-        return split_samples(self.sources, split, self.cfg.seed).source_of()
+        return self._split(split).source_of()

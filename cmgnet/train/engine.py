@@ -55,6 +55,7 @@ from . import precision
 from .config import ExperimentConfig, config_differences, flatten, save_config, to_dict
 from .data import DataModule, LoaderSource
 from .auxiliary import AuxiliaryTask, DiagnosisTask
+from .checkpoint import BEST_DIR
 from .strategy import strategy_for
 from .ema import WeightEMA
 from .evaluate import EvalResult, Evaluator, format_table, selection_score
@@ -64,7 +65,6 @@ from .tracking import UNLOGGED_METRICS, Tracker, eval_metrics, git_info, sigterm
 
 logger = logging.getLogger("cmgnet.train")
 
-BEST_DIR = "best"
 EMA_STATE = "ema"
 RESUMABLE_MODEL_KEYS = ("text_cache_dir", "modality_dropout", "freeze_encoder_bn", "encoder_weights")
 """``model`` keys a resume may change: a cache path, training-time regularisers, the initialisation."""
