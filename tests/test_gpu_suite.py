@@ -151,27 +151,34 @@ def test_readme_block_is_replaced_by_a_report(tmp_path):
     assert readme.read_text() == text
 
 
-def test_carried_pure_wheels_are_unpacked_only_when_missing(tmp_path, monkeypatch):
+def test_carried_wheels_are_unpacked_only_when_missing_and_fitting(tmp_path, monkeypatch):
+    from packaging.tags import sys_tags
+
     suite = _suite()
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", "")
     wheels = tmp_path / "carry" / "wheels"
     wheels.mkdir(parents=True)
 
-    def wheel(name: str, purelib: bool) -> None:
-        with zipfile.ZipFile(wheels / f"{name}-1.0-py3-none-any.whl", "w") as archive:
+    def wheel(name: str, tag: str) -> str:
+        filename = f"{name}-1.0-{tag}.whl"
+        with zipfile.ZipFile(wheels / filename, "w") as archive:
             archive.writestr(f"{name}/__init__.py", "VALUE = 42\n")
-            archive.writestr(f"{name}-1.0.dist-info/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: {str(purelib).lower()}\n")
+            archive.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\n")
+        return filename
 
-    wheel("gpu_suite_carried_pkg", True)
-    wheel("gpu_suite_binary_pkg", False)
-    wheel("json", True)  # already importable here: left alone
+    here = next(iter(sys_tags()))  # the most specific tag of this interpreter
+    pure = wheel("gpu_suite_carried_pkg", "py3-none-any")
+    binary = wheel("gpu_suite_binary_pkg", f"{here.interpreter}-{here.abi}-{here.platform}")
+    wheel("gpu_suite_other_python", "cp27-cp27mu-manylinux1_x86_64")  # for another Python: left alone
+    wheel("json", "py3-none-any")  # already importable here: left alone
     site = tmp_path / "site"
-    assert suite.activate_carry(tmp_path / "carry", site) == ["gpu_suite_carried_pkg-1.0-py3-none-any.whl"]
+    assert suite.activate_carry(tmp_path / "carry", site) == sorted([binary, pure])
+    import gpu_suite_binary_pkg
     import gpu_suite_carried_pkg
 
-    assert gpu_suite_carried_pkg.VALUE == 42 and str(site) in os.environ["PYTHONPATH"]
-    assert not (site / "gpu_suite_binary_pkg").exists()
+    assert gpu_suite_carried_pkg.VALUE == gpu_suite_binary_pkg.VALUE == 42 and str(site) in os.environ["PYTHONPATH"]
+    assert not (site / "gpu_suite_other_python").exists()
     assert suite.activate_carry(tmp_path / "carry", site) == []  # now importable: nothing to do
     sys.modules.pop("gpu_suite_carried_pkg", None)
 

@@ -146,7 +146,7 @@ def test_old_bundle_deploy_json_files_load(tmp_path, text, expected):
     (lambda d: d | {"format": "other"}, "not a cmgnet-inference record"),
     (lambda d: [d], "expected a JSON object, got list"),
     (lambda d: d | {"colour": "red"}, "unknown key(s) colour"),
-    (lambda d: d | {"mean": [0.5]}, "mean: expected 3 numbers"),
+    (lambda d: d | {"mean": [0.5]}, "mean: expected 3 values"),
     (lambda d: d | {"image_size": [250, 256]}, "image_size [250, 256] is not a multiple of stride 32"),
     (lambda d: d | {"threshold": 1.0}, "threshold: expected a number in (0, 1)"),
     (lambda d: d | {"postprocess": "biggest"}, "postprocess: expected one of none, largest"),

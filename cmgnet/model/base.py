@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from cmgnet.errors import CheckpointError, shown
+from cmgnet.errors import CheckpointError, one_line, shown
 from cmgnet.inference import INFERENCE_NAME, InferenceRecord
 from cmgnet.integrity import SHA256_KEY, check_finite, file_sha256, load_safetensors, recorded_sha256
+from cmgnet.typed import build
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -205,33 +206,12 @@ def read_model_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
     name, config = saved["model"], saved["config"]
     if name not in _REGISTRY:
         raise CheckpointError(f"unknown model {name!r}; available: {', '.join(list_models())}", config_path)
-    fields = {f.name for f in dataclasses.fields(_REGISTRY[name].config_class) if f.init}
-    if unknown := sorted(set(config) - fields):
-        raise CheckpointError(f"unknown key(s) {', '.join(unknown)} in config of model {name!r}; "
-                              f"valid: {', '.join(sorted(fields))}", config_path)
-    if mistyped := _mistyped(_REGISTRY[name].config_class, config):
-        raise CheckpointError(f"mistyped value(s) in config of model {name!r}: {'; '.join(mistyped)}", config_path)
+    try:  # the same typing as the experiment config's model section
+        build(_REGISTRY[name].config_class, config)
+    except (KeyError, TypeError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else one_line(err)
+        raise CheckpointError(f"bad config of model {name!r}: {message}", config_path) from err
     return name, config
-
-
-def _mistyped(config_class: type, values: dict[str, Any]) -> list[str]:
-    """``key: expected T, got v`` for values whose JSON type differs from the field default's."""
-    problems = []
-    for f in dataclasses.fields(config_class):
-        if f.name not in values or f.default is dataclasses.MISSING or f.default is None:
-            continue
-        value, kind = values[f.name], type(f.default)
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif kind in (tuple, list):
-            ok = isinstance(value, list)
-        elif kind in (bool, int, str):
-            ok = type(value) is kind
-        else:
-            continue
-        if not ok:
-            problems.append(f"{f.name}: expected {kind.__name__}, got {shown(value)}")
-    return problems
 
 
 def _first(err: BaseException) -> str:

@@ -113,14 +113,14 @@ def load_compare_config(path: str | Path | None, overrides: Sequence[str] = ()) 
     Returns:
         ``(experiment, compare section)``.
     """
-    from cmgnet.shipped import config_path
+    from cmgnet.typed import build
 
-    from .config import _deep_merge, _read_yaml, experiment_from_tree, from_dict, parse_overrides
+    from .config import experiment_from_tree, read_tree
+    from .config_ranges import check_value
 
-    raw = _read_yaml(config_path(path)) if path else {}
-    tree = _deep_merge(raw, parse_overrides(overrides))
+    tree = read_tree(path, overrides)
     section = tree.pop("compare", None) or {}
-    return experiment_from_tree(tree), from_dict(CompareConfig, section, "compare")
+    return experiment_from_tree(tree), build(CompareConfig, section, "compare", check=check_value)
 
 
 def run_comparison(cfg: ExperimentConfig, compare: CompareConfig | None = None, models: Sequence[str] | None = None,

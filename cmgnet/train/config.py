@@ -12,16 +12,19 @@ overrides use dotted keys and YAML values::
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "model.masa=false", "train.epochs=2"])
 
 Unknown keys and wrongly typed values are errors naming the key, so a typo never trains the
-wrong model silently.
+wrong model silently. The parts:
+
+* reading: PyYAML with YAML 1.2 booleans (``mixed_precision: no`` stays the string ``"no"``)
+  and bounded aliases (:mod:`cmgnet.yamlio`), ``base:`` chains and file-relative split CSVs;
+* merging and overrides: a dict merge and ``key=value`` parsed as YAML (:func:`read_tree`);
+* typing: pydantic v2 validates every value against its dataclass field
+  (:func:`cmgnet.typed.build`), and :mod:`cmgnet.train.config_ranges` checks each number's range.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from cmgnet.inference import PostprocessMode
 from cmgnet.model import CMGNetConfig, model_class
 from cmgnet.model.encoders import encoder_normalization
 from cmgnet.outputs import writing
+from cmgnet.typed import build, to_plain
 from cmgnet.yamlio import BoundedLoader, load_yaml, yaml_problem
 
 from .config_ranges import check_experiment, check_value
@@ -267,118 +271,9 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a type hint, converting where YAML is looser (int -> float, list -> tuple)."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        if dataclasses.is_dataclass(value):
-            return value
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{key}: expected a mapping of {hint.__name__} fields, got {shown(value)}")
-        return from_dict(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
-        raise TypeError(f"{key}: {shown(value)} matches none of {hint}: {'; '.join(errors)}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(hint):
-            raise ValueError(f"{key}: {shown(value)} is not one of {typing.get_args(hint)}")
-        return value
-    if origin in (list, tuple, Sequence):
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            value = [value]  # `key=x` on the command line for a one-element list
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ValueError(f"{key}: expected {len(args)} values, got {shown(value)}")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_hint = args[0] if args else Any
-            items = [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise TypeError(f"{key}: expected a mapping, got {shown(value)}")
-        return dict(value)
-    if hint is float:
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{key}: expected a number, got {shown(value)}")
-        if not math.isfinite(value):  # nan/inf train to NaN weights or fail deep inside PyTorch
-            raise ValueError(f"{key}={shown(value)}: must be a finite number")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key}: expected an integer, got {shown(value)}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{key}: expected true/false, got {shown(value)}")
-        return value
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise TypeError(f"{key}: expected a string, got {shown(value)}")
-        return str(value)
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise TypeError(f"{key}: expected {hint.__name__}, got {shown(value)}")
-    return value
-
-
-def from_dict(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) mapping, checking keys and types.
-
-    Args:
-        cls: a dataclass type.
-        values: field values; nested dataclass fields take mappings.
-        prefix: dotted path of ``cls`` in the tree (for error messages).
-
-    Returns:
-        An instance of ``cls``; fields not given keep their defaults.
-
-    Raises:
-        KeyError: an unknown key (the message lists the valid ones).
-        TypeError, ValueError: a value of the wrong type.
-    """
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(values) - set(names), key=str)
-    if unknown:
-        where = prefix or "config"
-        keys = ", ".join(shorten(f"{prefix}.{u}".lstrip(".")) for u in unknown[:10])
-        raise KeyError(f"unknown key(s) {keys}{' ...' if len(unknown) > 10 else ''} in {where}; "
-                       f"valid: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in values.items()}
-    for k, v in kwargs.items():  # before cls(): its own checks would not name the dotted key
-        check_value(f"{prefix}.{k}".lstrip("."), v)
-    return cls(**kwargs)
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain YAML/JSON values (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, Mapping):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Path):
-            return str(v)
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    return to_plain(cfg)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -494,23 +389,30 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML config (following ``base:``), apply dotted overrides, validate.
+def read_tree(path: str | Path | None = None, overrides: Sequence[str] = (),
+              base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The merged, untyped config tree: ``base`` under the YAML file (and its ``base:`` chain) under the overrides.
 
     Args:
         path: YAML file, the name of a shipped config (``demo``, ``paper``, ...: see
             :mod:`cmgnet.shipped`), or ``None`` for the defaults.
         overrides: ``key=value`` strings (values parsed as YAML: ``false``, ``1e-3``, ``[16, 8]``).
         base: a config tree under the file's (e.g. a saved model's ``arch`` and ``model``).
-
-    Returns:
-        The validated :class:`ExperimentConfig`.
     """
     from cmgnet.shipped import config_path
 
     raw = _read_yaml(config_path(path)) if path else {}
-    return experiment_from_tree(_deep_merge(_deep_merge(dict(base or {}), raw), parse_overrides(overrides)))
+    return _deep_merge(_deep_merge(dict(base or {}), raw), parse_overrides(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (following ``base:``), apply dotted overrides, validate (arguments as :func:`read_tree`).
+
+    Returns:
+        The validated :class:`ExperimentConfig`.
+    """
+    return experiment_from_tree(read_tree(path, overrides, base))
 
 
 def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
@@ -534,13 +436,13 @@ def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
     if not dataclasses.is_dataclass(model):
         if not isinstance(model, Mapping):
             raise TypeError(f"model: expected a mapping of {config_class.__name__} fields, got {shown(model)}")
-        model = from_dict(config_class, model, "model")
+        model = build(config_class, model, "model", check=check_value)
     tree["model"] = model
     data = tree.get("data", {})
     if isinstance(data, Mapping) and "mean" not in data and "std" not in data and hasattr(model, "encoder"):
         mean, std = encoder_normalization(model.encoder)
         tree["data"] = {**data, "mean": list(mean), "std": list(std)}
-    cfg = from_dict(ExperimentConfig, tree)
+    cfg = build(ExperimentConfig, tree, check=check_value)
     check_experiment(cfg)
     return cfg
 

@@ -5,7 +5,7 @@ names them: ``ge``, ``gt``, ``le``, ``lt``, ``multiple_of``); a sequence value (
 ``model.fusion_scales``) is checked item by item. The ``model`` keys hold for every registered
 model's config class that has the field. :func:`check_experiment` adds the rules that relate
 two values (the image size and the model's stride, ``min_lr`` and ``lr``, ...). Non-finite
-numbers (``nan``, ``inf``) are refused for every float by :func:`cmgnet.train.config.from_dict`.
+numbers (``nan``, ``inf``) are refused for every float by :func:`cmgnet.typed.build`.
 
 A value outside its range is a :class:`~cmgnet.errors.UsageError` naming the key, e.g.
 ``train.epochs=-1: must be >= 1``, raised before any run folder exists.
