@@ -278,3 +278,14 @@ def test_an_orphan_mask_fails_training_as_data_check_reports_it(tmp_path, capsys
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*"))
     orphan.unlink()  # agreeing both ways: without it both pass
     assert check_main([str(folder), "--level", level]) == 0
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path, config):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {config.name}\ntrain:\n  epochs: many\n")
+    with pytest.raises(TypeError) as caught:
+        load_config(bad)
+    assert str(caught.value).startswith(f"{bad}: train.epochs: input should be a valid integer")
+    assert load_config(bad, ["train.epochs=3"]).train.epochs == 3  # the override replaces it: nothing to report
+    with pytest.raises(ValueError, match=r"^train.batch_size=0: must be >= 1"):  # an override's own fault: no file
+        load_config(bad, ["train.epochs=3", "train.batch_size=0"])

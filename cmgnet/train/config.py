@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from cmgnet.data.config import DataConfig
-from cmgnet.errors import one_line, shorten, shown
+from cmgnet.errors import CmgnetError, one_line, shorten, shown
 from cmgnet.inference import PostprocessMode
 from cmgnet.model import CMGNetConfig, model_class
 from cmgnet.model.encoders import encoder_normalization
@@ -411,8 +411,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
     Returns:
         The validated :class:`ExperimentConfig`.
+
+    Raises:
+        KeyError, TypeError, ValueError: as :func:`experiment_from_tree`; a problem with a
+            value the file gave (not an override) names the file first.
     """
-    return experiment_from_tree(read_tree(path, overrides, base))
+    tree = read_tree(path, overrides, base)
+    try:
+        return experiment_from_tree(tree)
+    except (KeyError, TypeError, ValueError) as err:
+        text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+        overridden = [item.partition("=")[0].strip() for item in overrides]
+        if path is None or any(key and key in text for key in overridden):
+            raise
+        from cmgnet.shipped import config_path
+
+        where = config_path(path)
+        if isinstance(err, CmgnetError):
+            raise type(err)(text, where) from err
+        raise type(err)(f"{where}: {text}") from err
 
 
 def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
