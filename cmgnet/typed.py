@@ -49,8 +49,9 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "", check: Check |
     unknown = sorted(set(values) - set(names), key=str)
     if unknown:
         keys = ", ".join(shorten(_join(prefix, str(u))) for u in unknown[:10])
-        raise KeyError(f"unknown key(s) {keys}{' ...' if len(unknown) > 10 else ''}{f' in {prefix}' if prefix else ''}; "
-                       f"valid: {', '.join(names)}")
+        more = " ..." if len(unknown) > 10 else ""
+        where = f" in {prefix}" if prefix else ""
+        raise KeyError(f"unknown key(s) {keys}{more}{where}; valid: {', '.join(names)}")
     hints = _hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -67,7 +68,7 @@ def typed_value(value: Any, hint: Any, key: str, check: Check | None = None) -> 
         return value
     item = _dataclass_of(hint)
     if item is not None:
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or (value is None and item is not hint):  # an instance, or X | None
             return value
         if not isinstance(value, Mapping):
             raise TypeError(f"{key}: expected a mapping of {item.__name__} fields, got {shown(value)}")
