@@ -16,6 +16,7 @@ from cmgnet.data.config import DataConfig
 from cmgnet.data.loaders import build_loader
 from cmgnet.data.protocols import resolve_split
 from cmgnet.data.readers import read_ham10000
+from cmgnet.data.sources import read_sources
 from cmgnet.train.config import load_config, save_config, to_dict
 from cmgnet.train.data import DataModule
 from cmgnet.train.testing import synthetic_dataset, tiny_experiment
@@ -185,3 +186,26 @@ def test_a_source_weight_out_of_range_names_its_key(tmp_path):
     with pytest.raises(ValueError, match=r"data.sources\[1\].weight=0.0: must be > 0"):
         tiny_experiment(tmp_path / "x", tmp_path / "runs", *two_sources(tmp_path)[:2],
                         "data.sources=[{name: a, root: r}, {name: b, root: s, weight: 0}]")
+
+
+def test_agreement_split_keeps_the_agreeing_training_images_and_every_other(tmp_path, capsys):
+    from cmgnet.data.agreement import main
+
+    root = make_ham10000(tmp_path / "ham", n=24)
+    data = DataConfig(format="ham10000", root=str(root), protocol="grouped", split_fractions=(0.5, 0.25, 0.25))
+    (source,) = read_sources(data)
+    train = [s.record.image_id for s in source.split("train", 0)]
+    scores = tmp_path / "per_image.csv"
+    write_csv(scores, ("image_id", "dice"), [(image_id, 0.9 if i % 2 else 0.5) for i, image_id in enumerate(train)])
+    out = tmp_path / "split.csv"
+    argv = ["--format", "ham10000", "--root", str(root), "--fractions", "0.5", "0.25", "0.25",
+            "--per-image", str(scores), "--min-dice", "0.85", "--out", str(out)]
+    assert main(argv) == 0
+    kept = DataConfig(format="ham10000", root=str(root), protocol="split-csv", split_csv=str(out))
+    (filtered,) = read_sources(kept)
+    assert [s.record.image_id for s in filtered.split("train", 0)] == train[1::2]
+    for split in ("val", "test"):  # unchanged, so scores stay comparable
+        assert filtered.split(split, 0) == source.split(split, 0)
+    write_csv(scores, ("image_id", "dice"), [(train[0], 0.9)])
+    with pytest.raises(SystemExit, match="no score for"):
+        main(argv)
