@@ -56,7 +56,7 @@ pillow, scipy, safetensors and pyyaml but not this project's other needs: ``.cac
 (11.4 MiB), written by ``--prepare-carry``:
 
 * ``wheels/monai-*.whl``: the loss and metrics use MONAI (pure Python; unpacked here into a
-  temporary folder on ``sys.path`` when ``monai`` is not importable);
+  temporary folder first on ``sys.path`` unless this very version is installed);
 * ``wheels/pydantic*.whl``: configs and records are typed by pydantic (its compiled core for
   CPython 3.10-3.13 on x86-64 Linux; the one matching the image's Python is unpacked);
 * ``minilm-tokenizer/``: MiniLM-L6's tokenizer and config (not its 90 MB of weights, over the
@@ -181,10 +181,8 @@ def activate_carry(carry: Path, site: Path) -> list[str]:
             names = archive.namelist()
             tops = {n.split("/")[0].removesuffix(".py") for n in names
                     if not n.split("/")[0].endswith((".dist-info", ".data"))}
-            if all(importlib.util.find_spec(t) is not None for t in tops):
-                continue  # already installed here
-            if not _fits_here(wheel.name):
-                continue  # a binary wheel for another Python or platform
+            if not _fits_here(wheel.name) or not _wanted(wheel.name, tops):
+                continue  # for another Python or platform, or this very version is installed
             archive.extractall(site)
         unpacked.append(wheel.name)
     if unpacked:
@@ -196,9 +194,22 @@ def activate_carry(carry: Path, site: Path) -> list[str]:
 
 def _fits_here(wheel_name: str) -> bool:
     """Whether a wheel's tags (``py3-none-any``, ``cp311-cp311-manylinux_2_17_x86_64``) suit this interpreter."""
-    from packaging.tags import parse_tag, sys_tags  # pip's own dependency: present wherever pip is
+    try:
+        from packaging.tags import parse_tag, sys_tags
+    except ImportError:  # not installed on its own: pip carries a copy
+        from pip._vendor.packaging.tags import parse_tag, sys_tags
 
     return not parse_tag("-".join(wheel_name.removesuffix(".whl").split("-")[-3:])).isdisjoint(sys_tags())
+
+
+def _wanted(wheel_name: str, tops: set[str]) -> bool:
+    """Whether to unpack a carried wheel: its distribution is absent or at another version (pydantic 1,
+    or a pydantic-core that does not match the carried pydantic, would fail at the first config)."""
+    dist, version = wheel_name.split("-")[:2]
+    try:
+        return importlib.metadata.version(dist) != version
+    except importlib.metadata.PackageNotFoundError:
+        return not all(importlib.util.find_spec(t) is not None for t in tops)  # e.g. in the standard library
 
 
 def bench_module(name: str) -> ModuleType:

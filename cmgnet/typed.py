@@ -73,10 +73,11 @@ def typed_value(value: Any, hint: Any, key: str, check: Check | None = None) -> 
         if not isinstance(value, Mapping):
             raise TypeError(f"{key}: expected a mapping of {item.__name__} fields, got {shown(value)}")
         return build(item, value, key, check)
-    if _is_sequence(hint):
+    sequence = _sequence_of(hint)
+    if sequence is not None and value is not None:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             value = [value]  # `key=x` on the command line for a one-element list
-        item = _dataclass_of(typing.get_args(hint)[0]) if typing.get_args(hint) else None
+        item = _dataclass_of(typing.get_args(sequence)[0]) if typing.get_args(sequence) else None
         if item is not None:  # e.g. data.sources: each item built (and checked) under its index
             return [typed_value(v, item, f"{key}[{i}]", check) for i, v in enumerate(value)]
     try:
@@ -102,9 +103,12 @@ def _dataclass_of(hint: Any) -> type | None:
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
-def _is_sequence(hint: Any) -> bool:
-    """A list or tuple type (not a union that also takes a scalar)."""
-    return typing.get_origin(hint) in (list, tuple, Sequence)
+def _sequence_of(hint: Any) -> Any:
+    """The list or tuple type a hint names (``list[X]`` or ``list[X] | None``), else ``None``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    return hint if typing.get_origin(hint) in (list, tuple, Sequence) else None
 
 
 @functools.cache
@@ -112,8 +116,34 @@ def _adapter(hint: Any) -> Any:
     from pydantic import ConfigDict, TypeAdapter
 
     # Lax mode reads YAML/JSON scalars as the field's type ("1e-3" and 1 as floats, a list as a
-    # tuple); numbers may name strings (a run called 2024); nan and inf train to NaN weights.
-    return TypeAdapter(hint, config=ConfigDict(coerce_numbers_to_str=True, allow_inf_nan=False))
+    # tuple) and numbers may name strings (a run called 2024), but booleans and integers are
+    # exact (_exact); nan and inf train to NaN weights.
+    return TypeAdapter(_exact(hint), config=ConfigDict(coerce_numbers_to_str=True, allow_inf_nan=False))
+
+
+def _exact(hint: Any) -> Any:
+    """``hint`` with booleans and integers strict: ``true`` is not the number 1, ``"no"`` or 1 not a
+    boolean, 2.5 not an integer (lax pydantic would read ``modality_dropout: true`` as 1.0)."""
+    from pydantic import BeforeValidator, Strict
+
+    if hint is bool or hint is int:
+        return typing.Annotated[hint, Strict()]
+    if hint is float:
+        return typing.Annotated[float, BeforeValidator(_not_bool)]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_exact(a) for a in args)]
+    if origin in (list, tuple, Sequence) and args:
+        return origin[tuple(a if a is Ellipsis else _exact(a) for a in args)]
+    return hint
+
+
+def _not_bool(value: Any) -> Any:
+    from pydantic_core import PydanticCustomError
+
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, not true/false")
+    return value
 
 
 def _validation_error() -> type[Exception]:

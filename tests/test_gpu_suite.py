@@ -165,6 +165,7 @@ def test_carried_wheels_are_unpacked_only_when_missing_and_fitting(tmp_path, mon
         with zipfile.ZipFile(wheels / filename, "w") as archive:
             archive.writestr(f"{name}/__init__.py", "VALUE = 42\n")
             archive.writestr(f"{name}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\n")
+            archive.writestr(f"{name}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
         return filename
 
     here = next(iter(sys_tags()))  # the most specific tag of this interpreter

@@ -29,6 +29,8 @@ class Section:
     epochs: int = 1
     items: list[Item] = field(default_factory=list)
     limit: int | None = None
+    files: list[str] | None = None
+    flag: bool = False
 
 
 @dataclass
@@ -38,12 +40,19 @@ class Tree:
 
 
 def test_yaml_values_become_the_fields_types():
-    tree = build(Tree, {"name": 2024, "section": {"lr": 1, "betas": [0.5, "0.9"], "splits": "val", "epochs": "3",
+    tree = build(Tree, {"name": 2024, "section": {"lr": 1, "betas": [0.5, "0.9"], "splits": "val", "epochs": 3,
                                                   "items": [{"name": "isic", "weight": 2}], "limit": None}})
     assert tree.name == "2024" and tree.section.lr == 1.0 and isinstance(tree.section.lr, float)
     assert tree.section.betas == (0.5, 0.9) and tree.section.splits == ["val"] and tree.section.epochs == 3
     assert tree.section.items == [Item("isic", 2.0)] and tree.section.limit is None
     assert to_plain(tree)["section"]["betas"] == [0.5, 0.9]  # back to YAML: lists
+    assert build(Section, {"files": "a.csv"}).files == ["a.csv"] and build(Section, {"files": None}).files is None
+
+
+@pytest.mark.parametrize("value", ["yes", "no", 1, 0, "true"])
+def test_a_boolean_is_only_true_or_false(value):
+    with pytest.raises(TypeError, match="flag: input should be a valid boolean"):
+        build(Section, {"flag": value})
 
 
 @pytest.mark.parametrize("values, error, message", [
@@ -59,6 +68,10 @@ def test_yaml_values_become_the_fields_types():
     ({"section": {"items": [{}, {"wieght": 1}]}}, KeyError, "unknown key(s) section.items[1].wieght"),
     ({"section": {"items": [{"weight": "x"}]}}, TypeError, "section.items[0].weight: input should be a valid number"),
     ({"section": {"limit": "none"}}, TypeError, "section.limit: "),
+    ({"section": {"lr": True}}, TypeError, "section.lr: input should be a number, not true/false"),
+    ({"section": {"epochs": True}}, TypeError, "section.epochs: input should be a valid integer, got True"),
+    ({"section": {"epochs": 2.5}}, TypeError, "section.epochs: input should be a valid integer"),
+    ({"section": {"betas": [0.9, False]}}, TypeError, "section.betas[1]: input should be a number"),
 ])
 def test_a_bad_value_names_its_key(values, error, message):
     with pytest.raises(error) as caught:

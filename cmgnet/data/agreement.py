@@ -21,6 +21,8 @@ import csv
 from collections.abc import Mapping
 from pathlib import Path
 
+from cmgnet.errors import cli_entry
+
 from .config import DataConfig
 from .sources import read_sources
 
@@ -50,6 +52,7 @@ def agreement_rows(data: DataConfig, scores: Mapping[str, float], min_dice: floa
     return rows, len(train)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python launch/agreement_split.py", description=__doc__.splitlines()[0])
     parser.add_argument("--format", required=True, help="dataset format (as data.format)")

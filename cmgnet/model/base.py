@@ -176,9 +176,9 @@ class SegmentationModel(nn.Module):
         name, config = read_model_config(directory)
         config_path = directory / CONFIG_NAME
         # The saved weights replace any pretrained encoder's: do not read the ImageNet file.
-        build = config | ({"encoder_weights": "none"} if "encoder_weights" in config else {}) | overrides
+        values = config | ({"encoder_weights": "none"} if "encoder_weights" in config else {}) | overrides
         try:
-            model = create_model(name, **build)
+            model = create_model(name, **values)
         except (TypeError, ValueError, KeyError) as err:  # mistyped values surface while building
             raise CheckpointError(f"bad config of model {name!r}: {_first(err)}", config_path) from err
         if "encoder_weights" in config and "encoder_weights" not in overrides:
@@ -207,11 +207,10 @@ def read_model_config(directory: str | Path) -> tuple[str, dict[str, Any]]:
     if name not in _REGISTRY:
         raise CheckpointError(f"unknown model {name!r}; available: {', '.join(list_models())}", config_path)
     try:  # the same typing as the experiment config's model section
-        build(_REGISTRY[name].config_class, config)
+        typed = build(_REGISTRY[name].config_class, config)
     except (KeyError, TypeError, ValueError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else one_line(err)
-        raise CheckpointError(f"bad config of model {name!r}: {message}", config_path) from err
-    return name, config
+        raise CheckpointError(f"bad config of model {name!r}: {one_line(err)}", config_path) from err
+    return name, {key: getattr(typed, key) for key in config}
 
 
 def _first(err: BaseException) -> str:

@@ -420,16 +420,31 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
     try:
         return experiment_from_tree(tree)
     except (KeyError, TypeError, ValueError) as err:
-        text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
-        overridden = [item.partition("=")[0].strip() for item in overrides]
-        if path is None or any(key and key in text for key in overridden):
+        if path is None:
             raise
         from cmgnet.shipped import config_path
 
         where = config_path(path)
+        text = one_line(err)
+        if not _set_by_file(text, _read_yaml(where), overrides):
+            raise
         if isinstance(err, CmgnetError):
             raise type(err)(text, where) from err
         raise type(err)(f"{where}: {text}") from err
+
+
+def _set_by_file(message: str, file_tree: Mapping[str, Any], overrides: Sequence[str]) -> bool:
+    """Whether the dotted key a message starts with was given by the file and not by an override."""
+    match = re.match(r"(?:unknown key\(s\) )?([A-Za-z_][\w.\[\]]*)", message)
+    if match is None:
+        return False
+    key = re.sub(r"\[\d+\]", "", match.group(1))
+
+    def related(a: str, b: str) -> bool:  # the same key, or one inside the other
+        return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+    overridden = [item.partition("=")[0].strip() for item in overrides]
+    return any(related(key, k) for k in flatten(file_tree)) and not any(related(key, k) for k in overridden)
 
 
 def experiment_from_tree(tree: Mapping[str, Any]) -> ExperimentConfig:
