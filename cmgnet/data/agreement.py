@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
 from cmgnet.errors import cli_entry
+from cmgnet.outputs import atomic_write_text
 
 from .config import DataConfig
 from .sources import read_sources
@@ -75,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"{args.per_image}: {err}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image_id", "split"])
-        writer.writerows(rows)
+    text = io.StringIO()
+    csv.writer(text).writerows([("image_id", "split"), *rows])
+    atomic_write_text(args.out, text.getvalue())
     kept = sum(split == "train" for _, split in rows)
     print(f"{args.out}: kept {kept} of {total} training images (Dice >= {args.min_dice}) "
           f"and every validation and test image ({len(rows) - kept})")

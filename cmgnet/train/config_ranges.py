@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cmgnet.errors import UsageError, shown
+from cmgnet.typed import to_plain
 
 if TYPE_CHECKING:
     from .config import ExperimentConfig
@@ -170,11 +171,7 @@ def check_value(key: str, value: Any) -> None:
     items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
     for item in items:
         if _is_number(item) and (problem := bounds.problem(item)):
-            raise UsageError(f"{key}={shown(_plain(value))}: {problem}")
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+            raise UsageError(f"{key}={shown(to_plain(value))}: {problem}")
 
 
 def check_experiment(cfg: ExperimentConfig) -> None:

@@ -445,7 +445,7 @@ class Evaluator:
                 "image_size": self.cfg.data.image_size, **describe_sources(self.cfg.data), **info}
         predicted = diagnosis_for = None
         if text_regime == "predicted":
-            predicted = self.predicted_diagnoses(split)
+            raw = self.predicted_diagnoses(split)  # per sample key, as truth and the sources are keyed
             truth = self.data.diagnoses(split)
             try:
                 train = Counter(d for d in self.data.diagnoses("train").values() if d and d != "unknown")
@@ -453,14 +453,14 @@ class Evaluator:
                 train = Counter()
             majority = train.most_common(1)[0][0] if train else None
 
-            def report(keys: Any = None) -> dict[str, Any]:  # the classifier's report over some samples
-                report = diagnosis_report({k: v for k, v in predicted.items() if keys is None or k in keys},
+            def scored_over(keys: Any = None) -> dict[str, Any]:  # the classifier's report over some samples
+                scored = diagnosis_report({k: v for k, v in raw.items() if keys is None or k in keys},
                                           {k: v for k, v in truth.items() if keys is None or k in keys}, majority)
-                return {"diagnosis": report, "diagnosis_accuracy": report.get("accuracy")}  # None: none known
+                return {"diagnosis": scored, "diagnosis_accuracy": scored.get("accuracy")}  # None: none known
 
-            diagnosis_for = report
-            info |= report()
-            predicted = vote(predicted)
+            diagnosis_for = scored_over
+            info |= scored_over()
+            predicted = vote(raw)
         loader = self.data.eval_loader(split, self.batch_size, text_regime, predicted)
         rows = predict_rows(self.model, loader, self.accelerator, threshold=self.cfg.eval.threshold,
                             with_hd95=with_hd95, overlay_dir=overlay_dir,
