@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -214,22 +217,35 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
 class OnnxRuntimeRunner:
     """ONNX Runtime inference of an exported ``.onnx`` file.
 
+    On a CPU with two or more cores, a call of two or more images runs as two halves at once,
+    each on a session with half the threads: the convolutions scale better across images than
+    across the threads of one image (2-core EPYC, 256 px: 10.1-10.7 against 11.3-13.3 ms per
+    view for 4-32 views). A single image keeps the session with every thread. The two half
+    sessions are made on the first call that uses them.
+
     Args:
         path: the model file.
         device: ``"cpu"`` or ``"cuda"``.
-        num_threads: intra-op threads (``None``: one per physical core).
+        num_threads: ONNX Runtime threads in all (``None``: one per physical core).
+        split_batches: run batches as two halves on a CPU (off: one session for every call).
     """
 
     name = "onnxruntime"
     max_batch = 32  # per call: the views of 8 images; larger batches gain little and cost memory
     batch_views = True
 
-    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
+                 split_batches: bool = True) -> None:
         self.path = Path(path)
+        self.device = device
         # Pre/post-processing runs between the calls: threads left spinning after a call would take
         # its cores (on two shared cores, 195 -> 120 ms per image with the change below).
         self.session = onnxruntime_session(self.path, device, num_threads, spinning=False)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        threads = num_threads or physical_cores()
+        self._lane_threads = threads // 2 if split_batches and device == "cpu" and threads >= 2 else 0
+        self._lanes: list[Any] = []
+        self._lanes_lock = threading.Lock()
 
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor:
         given = {"image": image, "text_features": text_features, "text_mask": text_mask}
@@ -237,7 +253,32 @@ class OnnxRuntimeRunner:
         if missing:
             raise DeployError(f"{self.path}: the model needs inputs {missing} that were not given")
         feeds = {name: given[name].numpy() for name in self.input_names}
-        return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
+        count = image.shape[0]
+        if count < 2 or not self._lane_threads:
+            return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
+        half = (count + 1) // 2
+        parts = ({n: a[:half] for n, a in feeds.items()}, {n: a[half:] for n, a in feeds.items()})
+        pool, lanes = self._lanes_ready()
+        outputs = pool.map(lambda lane, part: lane.run([OUTPUT_NAME], part)[0], lanes, parts)
+        return torch.from_numpy(np.concatenate(list(outputs)))
+
+    def _lanes_ready(self) -> tuple[ThreadPoolExecutor, list[Any]]:
+        with self._lanes_lock:  # the predictor may be shared by threads (MLflow serving)
+            if not self._lanes:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="onnxruntime-lane")
+                self._lanes = [onnxruntime_session(self.path, self.device, self._lane_threads, spinning=False)
+                               for _ in range(2)]
+            return self._pool, self._lanes
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (ONNX Runtime's default thread count)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        import psutil
+    except ImportError:
+        return allowed
+    return min(allowed, psutil.cpu_count(logical=False) or allowed)
 
 
 # ----------------------------------------------------------------------------- text

@@ -292,6 +292,25 @@ def test_onnxruntime_runs_all_flip_views_of_a_batch_in_one_call(exported):
     assert calls == [4, 4, 4, 4, 1, 1, 1, 1]
 
 
+def test_onnxruntime_splits_a_batch_over_two_half_thread_sessions(exported):
+    """Two images or more run as two halves at once (the same logits as one session); one image, one session."""
+    from cmgnet.deploy.runners import OnnxRuntimeRunner
+
+    path = exported["bundle"] / ONNX_NAME
+    runner = OnnxRuntimeRunner(path, "cpu", num_threads=2)
+    segmenter = Segmenter.load(exported["bundle"])
+    features, mask = segmenter.text_inputs([MELANOMA, NEUTRAL_SENTENCE, MELANOMA, "A note.", MELANOMA])
+    image = preprocess(_images(5, seed=5), segmenter.record)
+    single = runner.session.run(None, {"image": image.numpy(), "text_features": features.numpy(),
+                                       "text_mask": mask.numpy()})[0]
+    assert runner(image[:1], features[:1], mask[:1]).shape == (1, 1, SIZE, SIZE) and not runner._lanes
+    split = runner(image, features, mask).numpy()
+    assert len(runner._lanes) == 2 and split.shape == single.shape == (5, 1, SIZE, SIZE)
+    assert np.abs(split - single).max() < 1e-5
+    one_thread = OnnxRuntimeRunner(path, "cpu", num_threads=1)
+    assert np.abs(one_thread(image, features, mask).numpy() - single).max() < 1e-5 and not one_thread._lanes
+
+
 def _legacy_bundle(bundle, folder):
     """``bundle`` as `cmgnet export` wrote it before the one record: a version-1 ``deploy.json``."""
     shutil.copytree(bundle, folder)
