@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images")
     parser.add_argument("--count", type=int, default=64, help="images per run")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats per backend (medians reported)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per physical core)")
     parser.add_argument("--no-overlays", action="store_true", help="masks and CSV only (default: the full command)")
     parser.add_argument("--out", default="benchmarks/results/predict_speed.json", help="JSON results file")
     args = parser.parse_args(argv)

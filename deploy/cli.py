@@ -110,7 +110,7 @@ def predict_parser() -> argparse.ArgumentParser:
                           help="mask post-processing: largest connected component and/or filled holes")
     contract.add_argument("--force", action="store_true", help="accept values that contradict the model's record")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per physical core)")
     parser.add_argument("--no-overlays", action="store_true", help="write masks and CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -361,7 +361,7 @@ class Segmenter:
                 and a GPU are present, else ONNX Runtime; for a file, its own backend.
                 ``onnxruntime`` with a checkpoint uses the cache too.
             device: ``auto``, ``cpu`` or ``cuda`` (TensorRT always runs on the GPU).
-            num_threads: ONNX Runtime intra-op threads.
+            num_threads: ONNX Runtime threads in all (:class:`OnnxRuntimeRunner`; ``None``: one per physical core).
             image_size, mean, std: preprocessing; ``None`` (default) takes the recorded values.
             force: accept ``image_size``/``mean``/``std``/``threshold``/``text_regime``/``tta``/
                 ``postprocess`` values that contradict the record (with a warning) instead of raising.
