@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                  "identical_masks": sum(s == 1.0 for s in scores), "images": count}
     print(f"masks, ONNX Runtime vs PyTorch: {agreement}")
     loads = [r["load_before"] for b in runs.values() for k in b.values() for r in k]
-    write_json(args.out, rows, model=args.model, images=str(folder), repeats=args.repeats, threads=args.threads,
+    # The project's data folder is recorded as the repository sees it, not as this machine's path.
+    shown = os.path.relpath(folder, REPO) if folder.resolve().is_relative_to(REPO.parent.resolve()) else str(folder)
+    write_json(args.out, rows, model=args.model, images=shown, repeats=args.repeats, threads=args.threads,
                overlays=overlays, paired_ratios=pairs,
                agreement=agreement, load_avg_range=[min(loads), max(loads)], runs=runs, cpu_count=os.cpu_count(),
                onnxruntime=_version("onnxruntime"))
