@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model isic-cmgnet-lite0] [--data ../shared/data/isic2018-256]
                                [--concurrency 1 4 16] [--requests 48] [--repeats 2]
-                               [--batching 8:0 1:0 8:0:2 1:0:2] [--protocol http]
+                               [--batching 8:0 1:0 8:0:2 1:0:2] [--protocol http] [--tta | --no-tta]
                                [--out benchmarks/results/serve.json]
 
 Each ``--batching MAX_BATCH:QUEUE_DELAY_US[:INSTANCES]`` is one server (``1:0`` is batching off:
@@ -116,7 +116,8 @@ def _spec(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2] if len(values) > 2 else 1
 
 
-def _predictor_ms(model: str, images: list[bytes], batches: tuple[int, ...] = (1, 8)) -> dict[int, float]:
+def _predictor_ms(model: str, images: list[bytes], batches: tuple[int, ...] = (1, 8),
+                  tta: bool | None = None) -> dict[int, float]:
     """In this process, without a server: the predictor's wall time per image at each batch size.
 
     What dynamic batching can gain is how much less a larger batch costs per image.
@@ -126,7 +127,8 @@ def _predictor_ms(model: str, images: list[bytes], batches: tuple[int, ...] = (1
     from cmgnet.data.imageio import decode_image
     from cmgnet.deploy import Segmenter
 
-    segmenter = Segmenter.load(model, batch_size=max(batches), num_threads=os.cpu_count())
+    segmenter = Segmenter.load(model, batch_size=max(batches), num_threads=os.cpu_count(), tta=tta,
+                               force=tta is not None)
     arrays = [decode_image(np.frombuffer(data, np.uint8), Path("image")) for data in images[:16]]
     segmenter.predict(arrays[: max(batches)])
     result = {}
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batching", nargs="+", default=["8:0", "1:0", "8:0:2", "1:0:2"],
                         help="MAX_BATCH:QUEUE_DELAY_US[:INSTANCES] per server")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve with flip TTA on or off (default: as the model records)")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
     args = parser.parse_args(argv)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no ISIC input JPEGs under {args.data}")
         return 0
 
-    predictor = _predictor_ms(args.model, images)
+    predictor = _predictor_ms(args.model, images, tta=args.tta)
     print(f"predictor alone, ms per image by batch size: {predictor}", flush=True)
     servers = {}
     try:
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             http, grpc, metrics = _free_ports(3)
             options = argparse.Namespace(model=args.model, host="127.0.0.1", port=http, grpc_port=grpc,
                                          metrics_port=metrics, max_batch=max_batch, queue_delay_us=delay,
-                                         instances=instances, backend="auto", max_pixels=None, verbose=False)
+                                         instances=instances, backend="auto", max_pixels=None, verbose=False,
+                                         tta=args.tta, force=True)
             servers[spec] = (start_server(options, env), http if args.protocol == "http" else grpc)
         for spec, (server, _) in servers.items():
             server.wait_ready(timeout=1800)
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                             "load": round(statistics.mean(r["load_before"] for r in mine), 1)})
     print_table(summary, ["batching", "max_batch", "queue_delay_ms", "instances", "concurrency", "throughput_rps", "p50_ms",
                           "p99_ms", "server_cpu_ms", "load"])
-    write_json(args.out, rows, summary=summary, predictor_ms_per_image_by_batch=predictor, model=args.model, protocol=args.protocol, requests=args.requests,
+    write_json(args.out, rows, summary=summary, predictor_ms_per_image_by_batch=predictor, model=args.model, tta=args.tta, protocol=args.protocol, requests=args.requests,
                repeats=args.repeats, serving_numpy=env.numpy, images=f"{len(images)} ISIC 2018 JPEGs from {args.data.name}")
     return 0
 

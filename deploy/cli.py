@@ -133,6 +133,7 @@ def serve_parser() -> argparse.ArgumentParser:
         'cmgnet serve runs/demo/best --port 9000 --grpc-port 9001 --metrics-port 9002',
         'cmgnet serve exported/ --max-batch 16 --queue-delay-us 5000 --instances 2',
         'cmgnet serve isic-cmgnet-lite0 --max-batch 1        # no dynamic batching',
+        'cmgnet serve isic-cmgnet-lite0 --no-tta --force     # one pass per image instead of the recorded four',
     ])
     parser.add_argument("model", help="shipped model name, checkpoint dir, exported bundle dir or .onnx file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -146,6 +147,11 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instances", type=_positive, default=1, help="model instances (processes sharing the cores)")
     parser.add_argument("--backend", choices=[b for b in BACKENDS if b != "torch-tensorrt"], default="auto",
                         help="the predictor's backend (auto: ONNX Runtime on a CPU where installed)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flip test-time augmentation on or off (default: as recorded for the model; a "
+                             "different value needs --force). Off: a quarter of the compute per image, and on a "
+                             "CPU dynamic batching then pays")
+    parser.add_argument("--force", action="store_true", help="accept a --tta that contradicts the model's record")
     parser.add_argument("--max-pixels", type=_positive, default=None,
                         help="refuse larger images (default: the decoder's 80 MP); images must also have sides >= "
                              f"{MIN_SIDE} px and an aspect ratio <= {MAX_ASPECT:g}:1")

@@ -1,7 +1,7 @@
 """``cmgnet serve``: a model behind a real NVIDIA Triton Inference Server on this machine.
 
     cmgnet serve MODEL [--host 127.0.0.1] [--port 8000] [--grpc-port 8001] [--metrics-port 8002]
-                       [--max-batch 8] [--queue-delay-us 0] [--instances 1]
+                       [--max-batch 8] [--queue-delay-us 0] [--instances 1] [--tta | --no-tta [--force]]
 
 The ``tritonserver`` binary, its Python backend and the backend's stub come from the
 ``nvidia-pytriton`` wheel; they are run directly (not through PyTriton's own runtime) on a
@@ -217,6 +217,21 @@ def model_path(model: str) -> Path:
     return path.resolve()
 
 
+def served_tta(model: Path, tta: bool | None, force: bool) -> bool | None:
+    """``--tta``/``--no-tta`` checked against the model's record before any server starts.
+
+    Raises:
+        UsageError: it contradicts the record and ``force`` is off.
+    """
+    from cmgnet.inference import InferenceRecord, record_path, resolve
+
+    folder = model if model.is_dir() else model.parent
+    record = InferenceRecord.load(folder)
+    if tta is not None and record is not None:
+        resolve(record, {"tta": tta}, record_path(folder) or folder, force)
+    return tta
+
+
 def startup_error(lines: Sequence[str]) -> str:
     """Why a server stopped before its model was ready, in one line, from its log.
 
@@ -345,12 +360,13 @@ def start_server(args: argparse.Namespace, env: ServingEnv | None = None) -> Ser
     from .triton_repo import SERVED_NAME, Batching, RequestLimits, serve_config, write_model_py
 
     model = model_path(args.model)
+    tta = served_tta(model, args.tta, args.force)
     env = env or find_serving_env()
     # Instances are processes: each gets its share of the cores (ONNX Runtime and torch threads).
     threads = max(1, (os.cpu_count() or 1) // args.instances)
     limits = RequestLimits(max_pixels=args.max_pixels)
     config = serve_config(model, Batching(args.max_batch, args.queue_delay_us, args.instances), limits,
-                          backend=args.backend, threads=threads)
+                          backend=args.backend, threads=threads, tta=tta)
     folder = Path(tempfile.mkdtemp(prefix="cmgnet-serve-"))
     try:
         models = folder / "models"

@@ -227,7 +227,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the predictor named by the model configuration's parameters.
 
-        ``model`` (and ``backend``, ``threads``): ``cmgnet serve``, the predictor loads the
+        ``model`` (and ``backend``, ``threads``, ``tta``): ``cmgnet serve``, the predictor loads the
         model; ``network`` (and ``network_max_batch``): an exported repository, the network
         is that Triton model and the record and text assets lie in the version folder.
         """
@@ -245,8 +245,9 @@ class TritonPythonModel:
                 import torch
 
                 torch.set_num_threads(threads)  # instances are processes: share the cores, do not oversubscribe
+            tta = {"true": True, "false": False}.get(params.get("tta", ""))  # cmgnet serve checked it (--force)
             segmenter = Segmenter.load(params["model"], backend=params.get("backend", "auto"), device="auto",
-                                       num_threads=threads, batch_size=batch)
+                                       num_threads=threads, batch_size=batch, tta=tta, force=tta is not None)
             # Load-time work (the first ONNX Runtime run) before the server says it is ready; with a
             # network model it would be a BLS call, which Triton allows in execute only.
             segmenter.predict([np.zeros((64, 64, 3), dtype=np.uint8)])

@@ -150,11 +150,17 @@ def request_config(batching: Batching, parameters: Mapping[str, str]) -> str:
 
 
 def serve_config(model: str | Path, batching: Batching, limits: RequestLimits, backend: str = "auto",
-                 threads: int | None = None) -> str:
-    """The ``config.pbtxt`` of ``cmgnet serve``: the predictor loads ``model`` itself."""
+                 threads: int | None = None, tta: bool | None = None) -> str:
+    """The ``config.pbtxt`` of ``cmgnet serve``: the predictor loads ``model`` itself.
+
+    ``tta`` replaces the model's recorded flip TTA (``None``: as recorded); the caller has
+    checked it against the record (``--force``).
+    """
     params = {"model": str(model), "backend": backend, **limits.to_parameters()}
     if threads:
         params["threads"] = str(threads)
+    if tta is not None:
+        params["tta"] = str(tta).lower()
     return request_config(batching, params)
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from cmgnet.cli import main as cli_main
 from cmgnet.data.metadata import MetadataEntry, entry_from_mapping
-from cmgnet.deploy.server import ServeError, find_serving_env, launch
+from cmgnet.deploy.server import ServeError, find_serving_env, launch, model_path, served_tta
 from cmgnet.deploy.triton_model import RequestHandler
 from cmgnet.deploy.triton_repo import (
     ONNX_MODEL,
@@ -46,6 +46,7 @@ from cmgnet.deploy.triton_repo import (
     serve_config,
     tensorrt_config,
 )
+from cmgnet.errors import UsageError
 from cmgnet.inference import InferenceRecord
 
 SIZE = 48
@@ -93,7 +94,7 @@ def _free_ports(count: int) -> list[int]:
 def test_configs_parse_against_tritons_schema():
     record = InferenceRecord(image_size=(SIZE, 64), mean=MEAN, std=STD, text_model="tiny-random-bert",
                              text_max_length=24, text_hidden_size=32, model="cmgnet")
-    served = _parse(serve_config("/models/x", Batching(8, 5000, 2), RequestLimits(max_pixels=10**6)))
+    served = _parse(serve_config("/models/x", Batching(8, 5000, 2), RequestLimits(max_pixels=10**6), tta=False))
     assert served.backend == "python" and served.max_batch_size == 8
     assert served.dynamic_batching.max_queue_delay_microseconds == 5000
     [group] = served.instance_group
@@ -102,6 +103,8 @@ def test_configs_parse_against_tritons_schema():
     assert served.output[0].name == "MASK" and list(served.output[0].dims) == [-1, -1]
     assert served.parameters["model"].string_value == "/models/x"
     assert served.parameters["max_pixels"].string_value == "1000000"
+    assert served.parameters["tta"].string_value == "false"
+    assert "tta" not in _parse(serve_config("/m", Batching(), RequestLimits())).parameters  # as recorded
     unbatched = _parse(serve_config("/m", Batching(1, 0), RequestLimits()))
     assert not unbatched.HasField("dynamic_batching")  # --max-batch 1: every request alone
 
@@ -184,6 +187,19 @@ def test_serve_refuses_a_port_in_use_in_one_line(capsys):
     assert f"127.0.0.1:{port} is not available" in err or "no serving environment" in err
 
 
+def test_serve_checks_tta_against_the_models_record_before_starting(capsys):
+    """The shipped model records flip TTA: --no-tta needs --force, and is refused before any server starts."""
+    model = model_path("isic-cmgnet-lite0")
+    assert served_tta(model, None, False) is None and served_tta(model, True, False) is True
+    with pytest.raises(UsageError, match=r"--tta False overrides tta=True recorded in .*inference\.json"):
+        served_tta(model, False, False)
+    assert served_tta(model, False, True) is False
+    capsys.readouterr()
+    assert cli_main(["serve", "isic-cmgnet-lite0", "--no-tta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass --force" in err and "Traceback" not in err
+
+
 def test_serve_refuses_a_numpy_2_environment_in_one_line(monkeypatch, capsys):
     import numpy
 
@@ -245,10 +261,20 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(serving_env, trained, cache):
     """The predictor's masks for the served images (its load also fills the cache the server then reuses)."""
+    return _predicted(trained)
+
+
+@pytest.fixture(scope="module")
+def expected_tta(serving_env, trained, cache):
+    """The same with flip TTA, as the ``server`` fixture serves the model (its record says no TTA)."""
+    return _predicted(trained, tta=True, force=True)
+
+
+def _predicted(trained, **settings):
     from cmgnet.data.imageio import decode_image
     from cmgnet.deploy import Segmenter
 
-    segmenter = Segmenter.load(trained["best"])
+    segmenter = Segmenter.load(trained["best"], **settings)
     images = [decode_image(np.frombuffer(f, np.uint8), Path("test")) for f in trained["files"]]
     texts = [entry_from_mapping(m) if m else None for m in METADATA]
     return [p.mask.astype(np.uint8) * 255 for p in segmenter.predict(images, texts)]
@@ -259,7 +285,8 @@ def server(serving_env, trained, expected):
     """``cmgnet serve`` as a user runs it (the CLI, in a process of its own), stopped with SIGTERM at the end."""
     http, grpc, metrics = _free_ports(3)
     command = [sys.executable, "-m", "cmgnet.cli", "serve", str(trained["best"]), "--port", str(http),
-               "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--queue-delay-us", "100000"]
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--queue-delay-us", "100000",
+               "--tta", "--force"]  # the record says no TTA: the flag reaches the predictor in the server
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
@@ -301,7 +328,7 @@ def _metric(server, name: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_server_answers_8_concurrent_clients_with_the_predictors_masks(server, trained, expected):
+def test_server_answers_8_concurrent_clients_with_the_predictors_masks(server, trained, expected_tta):
     from cmgnet.deploy.client import SegmentationClient
 
     executions = _metric(server, "nv_inference_exec_count")
@@ -326,14 +353,14 @@ def test_server_answers_8_concurrent_clients_with_the_predictors_masks(server, t
     for i, (width, height, _) in enumerate(SIZES):
         assert masks[i].shape == (height, width) and masks[i].dtype == np.uint8
         assert set(np.unique(masks[i])) <= {0, 255}
-        assert (masks[i] != expected[i]).sum() <= 1, f"image {i}: the server's mask is not the predictor's"
+        assert (masks[i] != expected_tta[i]).sum() <= 1, f"image {i}: the server's mask is not the predictor's"
     # The dynamic batcher grouped them: fewer model executions than requests.
     assert _metric(server, "nv_inference_exec_count") - executions < len(SIZES)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_infer_remote_writes_the_servers_masks(server, trained, expected, tmp_path):
+def test_infer_remote_writes_the_servers_masks(server, trained, expected_tta, tmp_path):
     import csv
 
     images = tmp_path / "images"
@@ -352,7 +379,7 @@ def test_infer_remote_writes_the_servers_masks(server, trained, expected, tmp_pa
                      "--metadata", str(tmp_path / "metadata.csv")]) == 0
     for i in range(len(SIZES)):
         mask = np.array(Image.open(out / "masks" / f"lesion{i}.png"))
-        assert (mask != expected[i]).sum() <= 1, i
+        assert (mask != expected_tta[i]).sum() <= 1, i
 
 
 BAD_REQUESTS = {
@@ -367,7 +394,7 @@ BAD_REQUESTS = {
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_server_refuses_each_bad_request_names_it_and_keeps_serving(server, trained, expected, cache):
+def test_server_refuses_each_bad_request_names_it_and_keeps_serving(server, trained, expected_tta, cache):
     from cmgnet.deploy.client import RemoteError, SegmentationClient
 
     http = SegmentationClient(server["http"])
@@ -385,7 +412,7 @@ def test_server_refuses_each_bad_request_names_it_and_keeps_serving(server, trai
     with pytest.raises(RemoteError, match="IMAGE: missing required input"):
         _raw_infer(http, [("METADATA", [[b"{}"]], "BYTES")])
     # Still serving, and nothing was written: not beside the model, in the cache or in the server's folder.
-    assert (http.segment(trained["files"][1], METADATA[1]) == expected[1]).all()
+    assert (http.segment(trained["files"][1], METADATA[1]) == expected_tta[1]).all()
     assert _files(watched) == before
     assert server["process"].poll() is None
 
