@@ -217,11 +217,11 @@ def onnxruntime_session(path: str | Path, device: str = "cpu", num_threads: int 
 class OnnxRuntimeRunner:
     """ONNX Runtime inference of an exported ``.onnx`` file.
 
-    On a CPU with two or more cores, a call of two or more images runs as two halves at once,
+    On a CPU with two or more cores, a call of two or more views runs as two halves at once,
     each on a session with half the threads: the convolutions scale better across images than
-    across the threads of one image (2-core EPYC, 256 px: 10.1-10.7 against 11.3-13.3 ms per
-    view for 4-32 views). A single image keeps the session with every thread. The two half
-    sessions are made on the first call that uses them.
+    across the threads of one image (2-core EPYC, 256 px: 113.6 against 102.3 views/s at 4
+    views, 110.6 against 97.5 at 8; ``benchmarks/latency.py``). A single view keeps the
+    session with every thread. The two half sessions are made on the first call that uses them.
 
     Args:
         path: the model file.
@@ -247,6 +247,7 @@ class OnnxRuntimeRunner:
         threads = num_threads or physical_cores()
         self._lane_threads = threads // 2 if split_batches and device == "cpu" and threads >= 2 else 0
         self._lanes: list[Any] = []
+        self._pool: ThreadPoolExecutor | None = None
         self._lanes_lock = threading.Lock()
 
     def __call__(self, image: Tensor, text_features: Tensor | None, text_mask: Tensor | None) -> Tensor:
