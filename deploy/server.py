@@ -225,10 +225,12 @@ def served_tta(model: Path, tta: bool | None, force: bool) -> bool | None:
     """
     from cmgnet.inference import InferenceRecord, record_path, resolve
 
+    if tta is None:
+        return None
     folder = model if model.is_dir() else model.parent
-    record = InferenceRecord.load(folder)
-    if tta is not None and record is not None:
-        resolve(record, {"tta": tta}, record_path(folder) or folder, force)
+    record = InferenceRecord.load(folder)  # none beside an unrecorded checkpoint: nothing to contradict
+    if record is not None:
+        resolve(record, {"tta": tta}, record_path(folder), force)
     return tta
 
 
