@@ -13,7 +13,7 @@ import torch
 
 from cmgnet.tables import render
 from cmgnet.train.precision import cpu_capability
-from cmgnet.train.cost import cpu_name
+from cmgnet.hardware import cpu_name
 
 
 def hardware() -> dict:

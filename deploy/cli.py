@@ -133,7 +133,7 @@ def serve_parser() -> argparse.ArgumentParser:
         'cmgnet serve runs/demo/best --port 9000 --grpc-port 9001 --metrics-port 9002',
         'cmgnet serve exported/ --max-batch 16 --queue-delay-us 5000 --instances 2',
         'cmgnet serve isic-cmgnet-lite0 --max-batch 1        # no dynamic batching',
-        'cmgnet serve isic-cmgnet-lite0 --no-tta --force     # one pass per image instead of the recorded four',
+        'cmgnet serve isic-cmgnet-lite0 --tta --force        # 4-pass flip TTA instead of the recorded one pass',
     ])
     parser.add_argument("model", help="shipped model name, checkpoint dir, exported bundle dir or .onnx file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from torch import Tensor
 from cmgnet.data.augment.torch_ops import preprocess_image
 from cmgnet.data.imageio import DEFAULT_MAX_PIXELS, decode_image, read_encoded, to_array
 from cmgnet.errors import one_line
+from cmgnet.hardware import physical_cores
 from cmgnet.inference import InferenceRecord, complete_for_model, record_for_model
 from cmgnet.model import SegmentationModel
 
@@ -272,16 +272,6 @@ class OnnxRuntimeRunner:
                 self._lanes = [onnxruntime_session(self.path, self.device, self._lane_threads, spinning=False)
                                for _ in range(2)]
             return self._pool, self._lanes
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (ONNX Runtime's default thread count)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        import psutil
-    except ImportError:
-        return allowed
-    return min(allowed, psutil.cpu_count(logical=False) or allowed)
 
 
 # ----------------------------------------------------------------------------- text

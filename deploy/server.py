@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmgnet.errors import CmgnetError, cli_entry
+from cmgnet.hardware import physical_cores
 
 SERVE_ENV_VAR = "CMGNET_SERVE_ENV"
 SERVE_VENV = ".venv-serve"
@@ -364,8 +365,8 @@ def start_server(args: argparse.Namespace, env: ServingEnv | None = None) -> Ser
     model = model_path(args.model)
     tta = served_tta(model, args.tta, args.force)
     env = env or find_serving_env()
-    # Instances are processes: each gets its share of the cores (ONNX Runtime and torch threads).
-    threads = max(1, (os.cpu_count() or 1) // args.instances)
+    # Instances are processes: each gets its share of the physical cores (ONNX Runtime and torch threads).
+    threads = max(1, physical_cores() // args.instances)
     limits = RequestLimits(max_pixels=args.max_pixels)
     config = serve_config(model, Batching(args.max_batch, args.queue_delay_us, args.instances), limits,
                           backend=args.backend, threads=threads, tta=tta)

@@ -120,7 +120,7 @@ def test_the_shipped_model_record_loads_as_written():
     folder = PRETRAINED_DIR / "isic-cmgnet-lite0"
     assert json.loads((folder / INFERENCE_NAME).read_text())["version"] == 1  # a literal old file
     record = InferenceRecord.load(folder)
-    assert record.image_size == (256, 256) and record.tta is True and record.postprocess == "largest"
+    assert record.image_size == (256, 256) and record.tta is False and record.postprocess == "largest"
 
 
 @pytest.mark.parametrize("text,expected", [

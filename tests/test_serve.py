@@ -188,14 +188,14 @@ def test_serve_refuses_a_port_in_use_in_one_line(capsys):
 
 
 def test_serve_checks_tta_against_the_models_record_before_starting(capsys):
-    """The shipped model records flip TTA: --no-tta needs --force, and is refused before any server starts."""
+    """The shipped model records one pass: --tta needs --force, and is refused before any server starts."""
     model = model_path("isic-cmgnet-lite0")
-    assert served_tta(model, None, False) is None and served_tta(model, True, False) is True
-    with pytest.raises(UsageError, match=r"--tta False overrides tta=True recorded in .*inference\.json"):
-        served_tta(model, False, False)
-    assert served_tta(model, False, True) is False
+    assert served_tta(model, None, False) is None and served_tta(model, False, False) is False
+    with pytest.raises(UsageError, match=r"--tta True overrides tta=False recorded in .*inference\.json"):
+        served_tta(model, True, False)
+    assert served_tta(model, True, True) is True
     capsys.readouterr()
-    assert cli_main(["serve", "isic-cmgnet-lite0", "--no-tta"]) == 2
+    assert cli_main(["serve", "isic-cmgnet-lite0", "--tta"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --force" in err and "Traceback" not in err
 

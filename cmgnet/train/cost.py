@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from cmgnet.hardware import cpu_name
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,6 @@ class CostSpec:
     size: int = 256
     latency_runs: int = 5
     warmup: int = 2
-
-
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo`` on Linux), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_cost(arch: str, model_config: Any, spec: CostSpec) -> dict[str, Any]:
