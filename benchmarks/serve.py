@@ -127,8 +127,8 @@ def _predictor_ms(model: str, images: list[bytes], batches: tuple[int, ...] = (1
     from cmgnet.data.imageio import decode_image
     from cmgnet.deploy import Segmenter
 
-    segmenter = Segmenter.load(model, batch_size=max(batches), num_threads=os.cpu_count(), tta=tta,
-                               force=tta is not None)
+    # The runner's own thread count (physical cores), as one served instance gets.
+    segmenter = Segmenter.load(model, batch_size=max(batches), tta=tta, force=tta is not None)
     arrays = [decode_image(np.frombuffer(data, np.uint8), Path("image")) for data in images[:16]]
     segmenter.predict(arrays[: max(batches)])
     result = {}
